@@ -1,0 +1,1 @@
+"""Command-line interface of jprag (wiring only; the work is done by the library)."""

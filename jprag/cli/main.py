@@ -1,0 +1,206 @@
+"""`jprag` command line: a thin argparse front end over the library.
+
+Sub-commands are registered from the `COMMANDS` table: each entry names the command, its
+one-line help, a function that adds its arguments and the handler that runs it. To add a
+command, write those two functions and append a `Command` to the table.
+
+Heavy imports (JAX, the model code) happen inside the handlers, so `jprag --help` is fast.
+Errors the library raises for bad input (`ValueError`, `FileNotFoundError`) are printed as
+``jprag: error: <message>`` with exit status 2; `--debug` re-raises them with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from typing import Callable, Sequence
+
+from jprag import __version__
+
+PROG = "jprag"
+DEMO_PROMPT = "What is parametric retrieval-augmented generation? Answer in one sentence."
+DEMO_BANNER = "jprag demo: the end-to-end pipeline lands with the corpus-to-answers issue"
+
+# Errors that mean "the user asked for something that cannot be done", not a bug in jprag.
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        default=None,
+        help="Hugging Face checkpoint directory (config.json + *.safetensors) or a .gguf file "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-new-tokens", type=_positive_int, default=128, metavar="N",
+        help="maximum number of tokens to generate (default: 128)",
+    )
+    parser.add_argument(
+        "--temperature", type=_non_negative_float, default=0.0,
+        help="sampling temperature; 0 = greedy decoding (default: 0)",
+    )
+    parser.add_argument(
+        "--top-k", type=_non_negative_int, default=0, metavar="K",
+        help="sample only among the K most likely tokens; 0 = no limit (default: 0)",
+    )
+    parser.add_argument(
+        "--top-p", type=_probability, default=1.0, metavar="P",
+        help="nucleus sampling probability mass; 1 = no limit (default: 1)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    parser.add_argument(
+        "--system", default=None, metavar="TEXT", help="optional system message for the chat template"
+    )
+
+
+def _check_model_path(model: str | None) -> None:
+    # Fail fast (before importing JAX) on a path that does not exist.
+    if model is not None and not os.path.exists(model):
+        raise FileNotFoundError(f"model path not found: {model}")
+
+
+def _generate_one(prompt: str, args: argparse.Namespace) -> str:
+    _check_model_path(args.model)
+    from jprag.model.generate import chat_generate  # heavy: imports JAX
+
+    return chat_generate(
+        [prompt],
+        model=args.model,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        system=args.system,
+    )[0]
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True, help="user message to answer")
+    _add_model_argument(parser)
+    _add_sampling_arguments(parser)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    print(_generate_one(args.prompt, args))
+    return 0
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_argument(parser)
+    _add_sampling_arguments(parser)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    print(DEMO_BANNER, flush=True)
+    answer = _generate_one(DEMO_PROMPT, args)
+    print(f"Q: {DEMO_PROMPT}")
+    print(f"A: {answer}")
+    return 0
+
+
+# --------------------------------------------------------------------------- command table
+
+COMMANDS: list[Command] = [
+    Command("generate", "chat-generate an answer to one prompt with the base model",
+            _add_generate_arguments, _run_generate),
+    Command("demo", "run the end-to-end demo", _add_demo_arguments, _run_demo),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Parametric retrieval-augmented generation in JAX."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="re-raise errors with a full traceback"
+    )
+    # Lets `--debug` also follow the sub-command; SUPPRESS keeps the global value otherwise.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help, description=command.help,
+                           parents=[common])
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def _error_message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}"
+    return str(exc) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args._run(args)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {_error_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

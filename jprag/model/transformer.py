@@ -1,0 +1,310 @@
+"""A pure-functional decoder-only transformer (Llama, Qwen2/2.5, Qwen3, Gemma-3) in Flax linen.
+
+The module holds no state: `Transformer(cfg).apply({"params": params}, tokens, positions,
+cache=..., adapters=...)` is a pure function of its arguments. Layers are one `Block` scanned
+with `nn.scan` over the stacked `[layers, ...]` parameters, so compile time does not grow with
+depth.
+
+Conventions
+- `positions [batch, seq]` are the RoPE positions; a position < 0 marks a padding slot. Masks
+  are built from positions, not indices, so left- and right-padded rows, prefill and cached
+  decode all share one code path.
+- LoRA adapters are a separate pytree `{target: (a, b)}` for targets in
+  `cfg.projection_shapes()`; `a [layers, in, r]` + `b [layers, r, out]` is one adapter for
+  every row, `a [batch, layers, in, r]` + `b [batch, layers, r, out]` one adapter per row. The
+  LoRA scale is folded into `b` by the caller, so merging k adapters is rank concatenation.
+  `W + ab` is never formed: `y = x @ W + (x @ a) @ b`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jprag.model.config import ModelConfig
+from jprag.model.params import param_shapes
+
+Array = jax.Array
+Adapters = Mapping[str, tuple[Array, Array]]
+
+
+class KVCache(NamedTuple):
+    """Keys/values of every layer plus the RoPE position held in each slot (-1 = empty).
+
+    k, v  [layers, batch, slots, kv_heads, head_dim]
+    pos   [batch, slots] int32
+    index []  int32: the next slot to write (all rows write the same slot; rows are
+          left-padded so their prompts end together).
+    """
+
+    k: Array
+    v: Array
+    pos: Array
+    index: Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.dtype
+        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            pos=jnp.full((batch, slots), -1, jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def rms_norm(x: Array, w: Array, eps: float, plus_one: bool) -> Array:
+    """RMSNorm in float32 (as the reference implementations), cast back to x's dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    scale = (1.0 + w.astype(jnp.float32)) if plus_one else w.astype(jnp.float32)
+    if plus_one:  # Gemma multiplies in float32 then casts
+        return (y * scale).astype(x.dtype)
+    return y.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def rope_tables(inv_freq: np.ndarray, positions_bt: Array) -> tuple[Array, Array]:
+    """cos/sin tables [batch, seq, head_dim // 2] in float32."""
+    angles = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_bthd: Array, cos_btf: Array, sin_btf: Array) -> Array:
+    """Rotate-half RoPE (the Hugging Face convention; GGUF's interleaving is undone at load)."""
+    half = x_bthd.shape[-1] // 2
+    x1, x2 = x_bthd[..., :half].astype(jnp.float32), x_bthd[..., half:].astype(jnp.float32)
+    cos, sin = cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_bthd.dtype)
+
+
+def project(x_bsi: Array, w_io: Array, lora: tuple[Array, Array] | None, bias_o: Array | None = None) -> Array:
+    """`x @ W (+ bias) (+ (x @ a) @ b)` for one layer; `a`, `b` shared or per row."""
+    y_bso = jnp.einsum("bsi,io->bso", x_bsi, w_io.astype(x_bsi.dtype))
+    if bias_o is not None:
+        y_bso = y_bso + bias_o.astype(y_bso.dtype)
+    if lora is not None:
+        a, b = lora
+        if a.ndim == 2:  # [in, r], [r, out]: one adapter for every row
+            h_bsr = jnp.einsum("bsi,ir->bsr", x_bsi, a.astype(x_bsi.dtype))
+            y_bso = y_bso + jnp.einsum("bsr,ro->bso", h_bsr, b.astype(x_bsi.dtype))
+        else:  # [batch, in, r], [batch, r, out]: per-row adapters
+            h_bsr = jnp.einsum("bsi,bir->bsr", x_bsi, a.astype(x_bsi.dtype))
+            y_bso = y_bso + jnp.einsum("bsr,bro->bso", h_bsr, b.astype(x_bsi.dtype))
+    return y_bso
+
+
+def attention_mask(q_pos_bt: Array, k_pos_bs: Array, window: int | None) -> Array:
+    """[batch, 1, 1, q, k] bool: key valid, causal by position, and inside the window."""
+    q = q_pos_bt[:, :, None]
+    k = k_pos_bs[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask[:, None, None, :, :]
+
+
+class Block(nn.Module):
+    """One decoder layer; `nn.scan` stacks its parameters on a leading layer axis."""
+
+    cfg: ModelConfig
+
+    def _param(self, name: str, shape: tuple[int, ...]) -> Array:
+        if name.endswith("norm"):
+            init = nn.initializers.zeros if self.cfg.norm_plus_one else nn.initializers.ones
+        elif name.endswith("bias"):
+            init = nn.initializers.zeros
+        else:
+            init = nn.initializers.normal(0.02)
+        return self.param(name, init, shape, jnp.float32)
+
+    @nn.compact
+    def __call__(self, x_btd: Array, layer: dict[str, Any], ctx: dict[str, Any]):
+        cfg = self.cfg
+        shapes = {k: v[1:] for k, v in param_shapes(cfg)["layers"].items()}
+        p = {name: self._param(name, shape) for name, shape in shapes.items()}
+        lora = layer["adapters"] or {}
+        norm = lambda h, w: rms_norm(h, w, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
+        B, T, _ = x_btd.shape
+
+        # --- attention -------------------------------------------------------------
+        h = norm(x_btd, p["attn_norm"])
+        q = project(h, p["q"], lora.get("q"), p.get("q_bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = project(h, p["k"], lora.get("k"), p.get("k_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = project(h, p["v"], lora.get("v"), p.get("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
+        sliding = layer["is_sliding"]
+        cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"])
+        sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"])
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        cache = layer["cache"]
+        if cache is not None:  # write this chunk into the layer's slots, attend to all slots
+            idx = ctx["cache_index"]
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+        else:
+            k_all, v_all, new_cache = k, v, None
+
+        mask = jnp.where(sliding, ctx["mask_local"], ctx["mask"])  # [b, 1, 1, t, s]
+        G = cfg.n_heads // cfg.n_kv_heads
+        q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim)  # GQA: group queries, never repeat K/V
+        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        if cfg.attn_logit_softcap:
+            scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x_btd.dtype)
+        attn = jnp.einsum("bkgts,bskh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
+        out = project(attn, p["o"], lora.get("o"))
+        if cfg.sandwich_norms:
+            out = norm(out, p["post_attn_norm"])
+        x_btd = x_btd + out
+
+        # --- feed-forward ------------------------------------------------------------
+        h = norm(x_btd, p["ffn_norm"])
+        gate = project(h, p["gate"], lora.get("gate"))
+        act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        out = project(act * project(h, p["up"], lora.get("up")), p["down"], lora.get("down"))
+        if cfg.sandwich_norms:
+            out = norm(out, p["post_ffn_norm"])
+        return x_btd + out, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `__call__(tokens, positions, cache=None, adapters=None, output='logits')`.
+
+    `output`: 'logits' → logits [b, t, vocab] (float32); 'last' → logits [b, 1, vocab] of the
+    last position only; 'hidden' → final-norm hidden states [b, t, d].
+    Returns `(output, new_cache | None)`.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_bt: Array,
+        positions_bt: Array,
+        cache: KVCache | None = None,
+        adapters: Adapters | None = None,
+        output: str = "logits",
+    ):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        embed = self.param("embed", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), jnp.float32)
+        x = jnp.take(embed, tokens_bt, axis=0).astype(dtype)
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, dtype)
+
+        positions_bt = positions_bt.astype(jnp.int32)
+        if cache is not None:
+            k_pos = jax.lax.dynamic_update_slice(cache.pos, positions_bt, (0, cache.index))
+        else:
+            k_pos = positions_bt
+        cos, sin = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions_bt)
+        local_rope = cfg.rope_local or cfg.rope
+        cos_l, sin_l = rope_tables(local_rope.inv_freq(cfg.head_dim), positions_bt)
+        ctx = {
+            "cos": cos,
+            "sin": sin,
+            "cos_local": cos_l,
+            "sin_local": sin_l,
+            "mask": attention_mask(positions_bt, k_pos, None),
+            "mask_local": attention_mask(positions_bt, k_pos, cfg.sliding_window),
+            "cache_index": None if cache is None else cache.index,
+        }
+        layer_inputs = {
+            "is_sliding": jnp.asarray(cfg.is_sliding),
+            # per-layer slices: move the layer axis to the front for the scan
+            "adapters": None
+            if not adapters
+            else {
+                name: tuple(t if t.ndim == 3 else jnp.moveaxis(t, 1, 0) for t in ab) for name, ab in adapters.items()
+            },
+            "cache": None if cache is None else {"k": cache.k, "v": cache.v},
+        }
+        block = Block
+        if cfg.remat:
+            block = nn.remat(Block, prevent_cse=False)
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            out_axes=0,
+            length=cfg.n_layers,
+        )
+        x, layer_cache = scanned(cfg, name="layers")(x, layer_inputs, ctx)
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(layer_cache["k"], layer_cache["v"], k_pos, cache.index + tokens_bt.shape[1])
+
+        final_norm = self.param(
+            "final_norm", nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones, (cfg.d_model,)
+        )
+        if output == "last":  # only the last position's logits (prefill/decode: skip [b, t, vocab])
+            x = x[:, -1:, :]
+        x = rms_norm(x, final_norm, cfg.norm_eps, cfg.norm_plus_one)
+        if output == "hidden":
+            return x, new_cache
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed.astype(dtype))
+        else:
+            head = self.param("lm_head", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
+        logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap:
+            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+        return logits, new_cache
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    tokens_bt: Array,
+    positions_bt: Array,
+    cache: KVCache | None = None,
+    adapters: Adapters | None = None,
+    output: str = "logits",
+):
+    """Pure function form: `(logits | hidden, new_cache)`; jit it with `cfg` static."""
+    return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, adapters, output)
+
+
+def init_params(cfg: ModelConfig, key: Array) -> dict[str, Any]:
+    """Random parameters with the loaded-checkpoint layout (for tests and from-scratch use)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return Transformer(cfg).init(key, tokens, jnp.arange(4)[None])["params"]
+
+
+def positions_from_mask(mask_bt: Array) -> Array:
+    """RoPE positions from a padding mask (1 = real token): 0, 1, ... over real tokens, -1 on padding."""
+    mask_bt = jnp.asarray(mask_bt).astype(jnp.int32)
+    return jnp.where(mask_bt > 0, jnp.cumsum(mask_bt, axis=-1) - 1, -1)
+
+
+def num_flops_per_token(cfg: ModelConfig) -> float:
+    """Forward matmul FLOPs per token (2 * matmul params, excluding attention over the context)."""
+    n = sum(i * o for i, o in cfg.projection_shapes().values()) * cfg.n_layers + cfg.d_model * cfg.vocab_size
+    return 2.0 * n
+
+
+__all__ = [
+    "KVCache",
+    "Transformer",
+    "forward",
+    "init_params",
+    "positions_from_mask",
+    "num_flops_per_token",
+    "rms_norm",
+    "apply_rope",
+    "project",
+    "attention_mask",
+]
