@@ -110,7 +110,7 @@ def _check_model_path(model: str | None) -> None:
 
 def _generate_one(prompt: str, args: argparse.Namespace) -> str:
     _check_model_path(args.model)
-    from jprag.model.generate import chat_generate  # heavy: imports JAX
+    from jprag.model.chat import chat_generate  # heavy: imports JAX
 
     return chat_generate(
         [prompt],

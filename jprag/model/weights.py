@@ -79,10 +79,13 @@ def _assemble(
     for name, (key, layer) in expected.items():
         want = shapes["layers"][key][1:] if layer is not None else shapes[key]
         arr = np.asarray(available[name]())
-        if key in _TRANSPOSED and arr.ndim == 2:
-            arr = arr.T
+        transpose = key in _TRANSPOSED
+        if transpose:
+            want = tuple(reversed(want))  # report shapes as the checkpoint stores them
         if tuple(arr.shape) != tuple(want):
-            raise WeightsError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(want)} for {key}")
+            raise WeightsError(f"{source}: tensor {name} has shape {tuple(arr.shape)}, expected {tuple(want)}")
+        if transpose:
+            arr = arr.T
         if layer is None:
             params[key] = np.ascontiguousarray(arr, dtype=dtype)
         else:
@@ -329,6 +332,12 @@ def _llama3_rope_from_factors(factors: np.ndarray, theta: float, head_dim: int) 
     raise ConfigError("GGUF tensor rope_freqs.weight does not match any known llama3 rope scaling")
 
 
+def _f32(x: Any) -> float:
+    """A GGUF float32 field as the decimal it was written from (1e-06, not 9.99999997e-07),
+    so configs from GGUF and from config.json compare equal."""
+    return float(str(np.float32(x)))
+
+
 def _gguf_hf_config(reader, tensors: Mapping[str, Any]) -> dict:
     """Translate GGUF metadata into a HF-style config dict for `ModelConfig.from_hf`.
 
@@ -366,11 +375,11 @@ def _gguf_hf_config(reader, tensors: Mapping[str, Any]) -> dict:
         raise WeightsError("GGUF tensor token_embd.weight is missing")
     vocab = int(tensors["token_embd.weight"].shape[1])  # ggml ne = [d_model, vocab]
 
-    theta = float(a("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10000.0))
+    theta = _f32(a("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10000.0))
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
     scaling = a("rope.scaling.type", "none")
     if scaling == "linear":
-        rope.update(rope_type="linear", factor=float(a("rope.scaling.factor")))
+        rope.update(rope_type="linear", factor=_f32(a("rope.scaling.factor")))
     elif scaling not in ("none", None):
         raise ConfigError(f"GGUF {arch}.rope.scaling.type={scaling!r} is not supported (none, linear)")
     if "rope_freqs.weight" in tensors:
@@ -386,7 +395,7 @@ def _gguf_hf_config(reader, tensors: Mapping[str, Any]) -> dict:
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(n_kv),
         "head_dim": head_dim,
-        "rms_norm_eps": float(a("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rms_norm_eps": _f32(a("attention.layer_norm_rms_epsilon", 1e-6)),
         "max_position_embeddings": int(a("context_length", 8192)),
         "vocab_size": vocab,
         # Like transformers: the head is tied exactly when the file has no output.weight.
@@ -412,7 +421,7 @@ def _gguf_hf_config(reader, tensors: Mapping[str, Any]) -> dict:
         # d_model / n_heads = 168 in its HF config).
         hf["rope_parameters"] = {
             "full_attention": rope,
-            "sliding_attention": {"rope_type": "default", "rope_theta": float(a("rope.freq_base_swa", 10000.0))},
+            "sliding_attention": {"rope_type": "default", "rope_theta": _f32(a("rope.freq_base_swa", 10000.0))},
         }
         hf["query_pre_attn_scalar"] = d_model // n_heads if n_layers == 62 else head_dim
     return hf

@@ -1,0 +1,107 @@
+"""Decode throughput: jprag's compiled generate loop vs transformers' `generate`, same CPU, same model.
+
+Both sides load the same GGUF file (the embedded SmolLM2-135M-Instruct by default), run greedy
+decoding of exactly `--new-tokens` tokens (stop tokens disabled) on the same chat prompts, and
+report generated tokens per second after one warm-up call (jprag's compile time is reported
+separately). Prints a JSON object and a Markdown table.
+
+    python benchmarks/generate.py [--model PATH.gguf] [--batch-sizes 1 16] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+PROMPTS = [
+    "Write a short paragraph about the history of the bicycle.",
+    "Explain how a refrigerator works.",
+    "What are the main causes of the seasons on Earth?",
+    "Give three tips for learning a new language.",
+]
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from jprag.model import chat
+    from jprag.model.generate import SamplingConfig, generate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    lm = chat.load(args.model)
+    path = pathlib.Path(lm.path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    hf.eval()
+
+    results = {"model": str(path.name), "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "rows": []}
+    for bs in args.batch_sizes:
+        prompts = [lm.chat_tokens(PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
+
+        def run_jprag():
+            out = generate(lm.cfg, lm.params, prompts, max_new_tokens=args.new_tokens, stop_ids=[],
+                           sampling=SamplingConfig())
+            assert all(len(o) == args.new_tokens for o in out)
+
+        t0 = time.perf_counter()
+        run_jprag()
+        compile_s = time.perf_counter() - t0
+        jprag_s = timed(run_jprag, args.repeats)
+
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+        def run_hf():
+            with torch.no_grad():
+                out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+            assert out.shape[1] == width + args.new_tokens
+
+        run_hf()
+        hf_s = timed(run_hf, args.repeats)
+        n = bs * args.new_tokens
+        results["rows"].append({
+            "batch": bs,
+            "jprag_tokens_per_s": n / jprag_s,
+            "transformers_tokens_per_s": n / hf_s,
+            "ratio": hf_s / jprag_s,
+            "jprag_first_call_s": compile_s,
+        })
+
+    print(json.dumps(results, indent=2))
+    print("\n| batch | jprag tok/s | transformers tok/s | ratio | jprag first call (s) |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in results["rows"]:
+        print(f"| {r['batch']} | {r['jprag_tokens_per_s']:.1f} | {r['transformers_tokens_per_s']:.1f} "
+              f"| {r['ratio']:.2f}x | {r['jprag_first_call_s']:.1f} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: turning documents into LoRA training examples and training per-document adapters."""
