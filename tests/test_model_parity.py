@@ -27,7 +27,7 @@ from jprag.model.weights import load_hf_dir
 _forward = jax.jit(forward, static_argnums=(0,), static_argnames=("output",))
 
 BATCH_LEN = 144  # >= 128 positions, and far beyond gemma3's sliding window of 8
-LEFT_PAD, RIGHT_PAD = 29, 23
+LEFT_PAD = RIGHT_PAD = 29  # equal, so both rows alone share one compiled shape
 
 
 @dataclasses.dataclass
@@ -180,14 +180,14 @@ def test_bfloat16_path(pair, batch):
     ref = hf_logits(pair.hf, tokens, mask, positions)[real]
     cfg16 = pair.cfg.replace(dtype="bfloat16")
     logits, _ = _forward(cfg16, pair.params, jnp.asarray(tokens), jnp.asarray(positions))
-    assert logits.dtype == jnp.float32  # logits are always returned in float32
-    hidden, _ = _forward(cfg16, pair.params, jnp.asarray(tokens), jnp.asarray(positions), output="hidden")
-    assert hidden.dtype == jnp.bfloat16  # ... but the model really computed in bfloat16
+    assert logits.dtype == jnp.float32  # logits are always returned in float32 ...
+    f32 = jx_logits(pair.cfg, pair.params, tokens, positions)[real]
     ours = np.asarray(logits)[real]
+    assert np.abs(ours - f32).max() > 1e-3  # ... but were computed in bfloat16
     assert np.isfinite(ours).all()
     agree = np.mean(ours.argmax(-1) == ref.argmax(-1))
     assert agree >= 0.9, f"{pair.family}: bfloat16 top-1 agrees with float32 HF on only {agree:.1%} of positions"
-    assert np.abs(ours - ref).max() < 0.25 * np.abs(ref).max()
+    assert np.abs(ours - ref).max() < 0.1 * np.abs(ref).max()
 
 
 # ------------------------------------------------------------------------------ adapters

@@ -13,6 +13,7 @@ costs k·r ranks and never forms a dense `ΔW`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -66,7 +67,7 @@ class LoraConfig:
         }
 
     def num_params(self, cfg: ModelConfig) -> int:
-        return sum(int(jnp.prod(jnp.array(s))) for ab in self.shapes(cfg).values() for s in ab.values())
+        return sum(math.prod(s) for ab in self.shapes(cfg).values() for s in ab.values())
 
 
 def init_bank(cfg: ModelConfig, lora: LoraConfig, key: Array, docs: int | Array, dtype=jnp.float32) -> Bank:

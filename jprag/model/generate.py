@@ -95,7 +95,8 @@ def generate_tokens(
     """Prefill left-padded prompts, then decode up to `max_new` tokens in a `while_loop`.
 
     tokens_bp, mask_bp [batch, prompt] (mask 1 = real token, left padding); stop_ids [n] int32
-    (pad with -1); `mode` as in `sample_logits`. Returns `(out [batch, max_new] int32,
+    (pad with -1); `mode` as in `sample_logits`. A row whose mask is all zero is batch padding:
+    it is done from the start and yields only -1. Returns `(out [batch, max_new] int32,
     n_generated [batch])`; entries from a row's stop token on are -1.
     """
     B, P = tokens_bp.shape
@@ -109,7 +110,9 @@ def generate_tokens(
     first = sample_logits(logits[:, 0], sub, mode, temperature, top_p)
 
     out = jnp.full((B, max_new), -1, jnp.int32)
-    state = (jnp.int32(0), first, jnp.zeros((B,), bool), out, cache, key)
+    # rows without a single real token (batch padding) are done from the start, so they
+    # cannot keep the loop running after every real row has stopped
+    state = (jnp.int32(0), first, lengths_b == 0, out, cache, key)
 
     def cond(state):
         step, _, done, *_ = state
@@ -167,17 +170,19 @@ def generate(
     n = len(prompts)
     B = bucket(n, minimum=1)
     P = bucket(max(len(p) for p in prompts), minimum=16)
-    if P + max_new_tokens > cfg.max_position:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_position:  # positions are per row: bucket padding does not count
         raise ValueError(
-            f"prompt ({max(len(p) for p in prompts)} tokens, bucketed to {P}) + max_new_tokens "
-            f"({max_new_tokens}) exceeds the model's max_position ({cfg.max_position})"
+            f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"max_position ({cfg.max_position})"
         )
     tokens = np.full((B, P), pad_id, np.int32)
     mask = np.zeros((B, P), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, P - len(p) :] = p
         mask[i, P - len(p) :] = 1
-    mask[n:, -1] = 1  # padding rows: one dummy token so their softmax stays finite
+    # padding rows n: keep an all-zero mask: generate_tokens treats them as already done
+    # (their fully masked attention is uniform, not NaN)
     stops = list(cfg.eos_token_ids if stop_ids is None else stop_ids)
     stop_arr = np.full((bucket(len(stops) + 1, minimum=4),), -1, np.int32)
     stop_arr[: len(stops)] = stops

@@ -1,0 +1,147 @@
+"""Scheduling thousands of documents: chunks of D adapters trained stacked, checkpointed, resumable.
+
+Documents are ordered by length before chunking so that a chunk's rows pad to similar
+lengths, then each chunk of D documents (D a multiple of the mesh's `data` size) is trained
+with the stacked step for `epochs` passes over its PRAG samples (one sample per document per
+step, as the reference's batch size 1). After each chunk its rows are written to the bank
+directory and the index is updated; re-running with the same arguments skips finished chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+import pathlib
+
+from jprag.lora.adapters import LoraConfig, init_bank
+from jprag.lora.store import FORMAT, BankError, lora_to_json, read_index, save_chunk, write_index
+from jprag.mesh import make_mesh, pad_to_data
+from jprag.model.config import ModelConfig
+from jprag.train.recipe import Example, pack_step_batches
+from jprag.train.stacked import TrainConfig, init_opt_state, jit_train_step, make_train_step
+
+
+def bucket_length(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_chunks(per_doc_examples: Sequence[Sequence[Example]], chunk_size: int) -> list[list[int]]:
+    """Row indices per chunk, longest documents first, so each chunk pads to similar lengths."""
+    total = [sum(len(e.tokens) for e in ex) for ex in per_doc_examples]
+    order = sorted(range(len(total)), key=lambda i: (-total[i], i))
+    return [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
+
+
+def _new_index(doc_ids, lora, train, model_id, chunks, seed, shapes, extra) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model": model_id,
+        "lora": lora_to_json(lora),
+        "train": dataclasses.asdict(train),
+        "seed": seed,
+        "doc_ids": list(doc_ids),
+        "shapes": shapes,
+        "dtype": "float32",
+        "chunks": [{"rows": rows, "done": False} for rows in chunks],
+        **extra,
+    }
+
+
+def _check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], root) -> None:
+    for field in ("model", "lora", "train", "seed", "doc_ids", "shapes"):
+        if old.get(field) != new.get(field):
+            raise BankError(
+                f"{root}/index.json: field {field!r} differs from this run's; the directory holds "
+                "another encoding run (use a new output directory, or --overwrite)"
+            )
+    if [c["rows"] for c in old["chunks"]] != [c["rows"] for c in new["chunks"]]:
+        raise BankError(f"{root}/index.json: the chunk plan differs (was --chunk-size changed?)")
+
+
+def encode_documents(
+    cfg: ModelConfig,
+    params: Mapping[str, Any],
+    per_doc_examples: Sequence[Sequence[Example]],
+    doc_ids: Sequence[str],
+    out_dir: str | pathlib.Path,
+    *,
+    lora: LoraConfig = LoraConfig(),
+    train: TrainConfig = TrainConfig(),
+    chunk_size: int = 32,
+    mesh=None,
+    seed: int = 0,
+    pad_id: int = 0,
+    model_id: str = "",
+    length_multiple: int = 64,
+    extra_index: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one adapter per document into the bank at `out_dir`; returns the final index.
+
+    Resumable: finished chunks recorded in `out_dir/index.json` are skipped.
+    """
+    if len(per_doc_examples) != len(doc_ids):
+        raise ValueError(f"{len(per_doc_examples)} example lists for {len(doc_ids)} document ids")
+    if len(set(doc_ids)) != len(doc_ids):
+        raise ValueError("document ids must be unique")
+    empty = [doc_ids[i] for i, ex in enumerate(per_doc_examples) if not ex]
+    if empty:
+        raise ValueError(f"{len(empty)} documents have no training samples (first: {empty[0]!r})")
+    mesh = mesh or make_mesh()
+    D = pad_to_data(min(chunk_size, len(doc_ids)), mesh)
+    root = pathlib.Path(out_dir)
+    shapes = {t: {k: list(v) for k, v in ab.items()} for t, ab in lora.shapes(cfg).items()}
+    index = _new_index(doc_ids, lora, train, model_id, plan_chunks(per_doc_examples, D), seed, shapes,
+                       dict(extra_index or {}))
+    if (root / "index.json").exists():
+        old = read_index(root)
+        _check_resumable(old, index, root)
+        index = old
+    write_index(root, index)
+
+    optimizer = train.optimizer()
+    step = make_train_step(cfg, lora, optimizer)
+    key = jax.random.key(seed)
+    jitted = None
+    todo = [c for c, chunk in enumerate(index["chunks"]) if not chunk["done"]]
+    n_done = len(doc_ids) - sum(len(index["chunks"][c]["rows"]) for c in todo)
+    bar = tqdm(total=len(doc_ids), initial=n_done, unit="doc", desc="encode", disable=not progress)
+    for c in todo:
+        t0 = time.perf_counter()
+        rows = index["chunks"][c]["rows"]
+        examples = [list(per_doc_examples[r]) for r in rows] + [[] for _ in range(D - len(rows))]
+        # padding rows draw init from index -1 and are never active
+        bank = init_bank(cfg, lora, key, jnp.asarray(list(rows) + [-1] * (D - len(rows))))
+        opt_state = init_opt_state(optimizer, bank)
+        steps = pack_step_batches(examples, pad_id, multiple=length_multiple) * train.epochs
+        n_tokens, losses = 0, []
+        for batch in steps:
+            batch = {
+                "tokens": batch["tokens"][:, None],  # [D, n=1, S]: one sample per document per step
+                "attn_mask": batch["attn_mask"][:, None],
+                "loss_mask": batch["loss_mask"][:, None],
+                "active": batch["active"].astype(np.float32),
+            }
+            if jitted is None:
+                jitted = jit_train_step(step, mesh, params, bank, opt_state, batch)
+            bank, opt_state, loss = jitted(params, bank, opt_state, batch)
+            n_tokens += int(batch["attn_mask"].sum())
+            losses.append(loss)
+        real = {t: {k: np.asarray(v)[: len(rows)] for k, v in ab.items()} for t, ab in bank.items()}
+        save_chunk(root, c, real)
+        final = np.asarray(losses[-1])[: len(rows)] if losses else np.zeros(0)
+        seconds = time.perf_counter() - t0
+        index["chunks"][c].update(done=True, seconds=seconds, tokens=n_tokens, final_loss=float(final.mean()))
+        write_index(root, index)
+        bar.update(len(rows))
+        bar.set_postfix(docs_per_s=f"{len(rows) / seconds:.2f}", tok_per_s=f"{n_tokens / seconds:.0f}",
+                        loss=f"{float(final.mean()):.3f}")
+    bar.close()
+    return index
