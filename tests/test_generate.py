@@ -14,7 +14,7 @@ from jprag.model.generate import SamplingConfig, bucket, generate, generate_toke
 from jprag.model.transformer import init_params
 
 PROMPT_LENGTHS = (3, 11, 20)  # two prompt-length buckets (16, 32)
-NEW = 20
+NEW = 16  # one max_new bucket for every call in this module
 
 
 @pytest.fixture(scope="module")
@@ -57,23 +57,21 @@ def test_batched_greedy_equals_each_row_alone(model, prompts, greedy_batched):
     assert short == [o[:7] for o in greedy_batched]
 
 
-def test_per_row_adapters_in_generate(model):
+def test_per_row_adapters_in_generate(model, prompts, greedy_batched):
     """Each row decodes with its own adapter, as if generated alone with it."""
     cfg, params = model
     rng = np.random.default_rng(5)
-    rows = [rng.integers(3, 128, size=n).tolist() for n in (4, 9, 14)]  # one prompt bucket
     adapters = {}
     for name in ("q", "v", "down"):
         i, o = cfg.projection_shapes()[name]
-        a = rng.normal(0, 0.5, size=(3, cfg.n_layers, i, 2)).astype(np.float32)
-        b = rng.normal(0, 0.5, size=(3, cfg.n_layers, 2, o)).astype(np.float32)
+        a = rng.normal(0, 0.5, size=(len(prompts), cfg.n_layers, i, 2)).astype(np.float32)
+        b = rng.normal(0, 0.5, size=(len(prompts), cfg.n_layers, 2, o)).astype(np.float32)
         adapters[name] = (jnp.asarray(a), jnp.asarray(b))
-    batched = generate(cfg, params, rows, max_new_tokens=12, stop_ids=[], adapters=adapters)
-    plain = generate(cfg, params, rows, max_new_tokens=12, stop_ids=[])
-    assert batched != plain, "the adapters have no effect on generation"
-    for i, row in enumerate(rows):
+    batched = generate(cfg, params, prompts, max_new_tokens=NEW, stop_ids=[], adapters=adapters)
+    for i, prompt in enumerate(prompts):
+        assert batched[i] != greedy_batched[i], "the adapter has no effect on generation"
         own = {k: (a[i : i + 1], b[i : i + 1]) for k, (a, b) in adapters.items()}
-        assert generate(cfg, params, [row], max_new_tokens=12, stop_ids=[], adapters=own)[0] == batched[i]
+        assert generate(cfg, params, [prompt], max_new_tokens=NEW, stop_ids=[], adapters=own)[0] == batched[i]
 
 
 # ------------------------------------------------------------------------------ stop tokens
@@ -196,6 +194,8 @@ def test_sample_logits_top_p():
 def test_bucketing_limits_compilations(model):
     cfg, params = model
     cfg = cfg.replace(max_position=4099)  # a config no other test uses: a clean compile-cache slate
+    if not hasattr(generate_tokens, "_cache_size"):  # private jit API (present in jax 0.10.x)
+        pytest.skip("this jax version's jitted functions have no _cache_size() to count compilations")
     rng = np.random.default_rng(1)
     before = generate_tokens._cache_size()
     keys = set()
@@ -213,7 +213,7 @@ def test_bucketing_limits_compilations(model):
     # Changing max_new_tokens within its bucket, the batch within its bucket, or the
     # (traced) temperature / top_p does not compile again.
     generate(cfg, params, [[5, 6, 7]] * 4, max_new_tokens=16, stop_ids=[])
-    generate(cfg, params, [[5, 6, 7]], max_new_tokens=1, stop_ids=[])
+    generate(cfg, params, [[5, 6, 7]], max_new_tokens=1, stop_ids=[2])
     generate(cfg, params, [[5, 6, 7]], max_new_tokens=6, sampling=SamplingConfig(0.7, top_p=0.9))
     generate(cfg, params, [[5, 6, 7]], max_new_tokens=6, sampling=SamplingConfig(1.3, top_p=0.5))
     assert generate_tokens._cache_size() - before == len(keys) + 1  # + the one sampling mode

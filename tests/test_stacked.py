@@ -1,0 +1,113 @@
+"""Stacked training of D documents ≡ D independent single-document runs, on any mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jprag.lora import LoraConfig, init_bank, merge_topk
+from jprag.mesh import make_mesh
+from jprag.model.config import ModelConfig
+from jprag.model.transformer import forward, init_params
+from jprag.train.stacked import TrainConfig, init_opt_state, jit_train_step, make_train_step
+
+CFG = ModelConfig(family="llama", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=96)
+LORA = LoraConfig(rank=2, alpha=32, targets=("gate", "up", "down", "q"))
+D, T = 8, 3
+# A larger learning rate than PRAG's 3e-4 so that T steps clearly move the adapters.
+OPT = TrainConfig(learning_rate=1e-3).optimizer()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    params = init_params(CFG, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    batches = []
+    for t in range(T):
+        S = 32
+        lengths = rng.randint(S // 2, S + 1, size=D)
+        attn = (np.arange(S)[None, None, :] < lengths[:, None, None]).astype(np.int32)  # [D, 1, S]
+        active = np.ones(D, np.float32)
+        if t == 1:
+            active[[3, 6]] = 0  # these documents have no sample at step 1
+        batches.append(dict(tokens=rng.randint(0, 128, (D, 1, S)).astype(np.int32), attn_mask=attn,
+                            loss_mask=attn.copy(), active=active))
+    return params, batches
+
+
+STEP = make_train_step(CFG, LORA, OPT)
+_JITTED = {}  # one jitted step per mesh: recompiles only for new shapes
+
+
+def train(params, bank, batches, mesh):
+    opt_state = init_opt_state(OPT, bank)
+    key = (mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
+    if key not in _JITTED:
+        _JITTED[key] = jit_train_step(STEP, mesh, params, bank, opt_state, batches[0])
+    losses = []
+    for b in batches:
+        bank, opt_state, loss = _JITTED[key](params, bank, opt_state, b)
+        losses.append(np.asarray(loss))
+    return jax.tree.map(np.asarray, bank), jax.tree.map(np.asarray, opt_state), np.stack(losses)
+
+
+def rows(batches, d):
+    return [{k: v[d : d + 1] for k, v in b.items()} for b in batches]
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1), (8, 1), (2, 4)])
+def test_stacked_equals_independent(setup, mesh_shape):
+    params, batches = setup
+    devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
+    bank0 = jax.tree.map(np.asarray, init_bank(CFG, LORA, jax.random.key(1), D))  # host copy: steps donate
+    stacked, _, losses = train(params, bank0, batches, make_mesh(*mesh_shape, devices=devices))
+    moved = max(np.abs(stacked[t]["b"]).max() for t in LORA.targets)
+    assert moved > 1e-3, "training did not move the adapters: the test would be vacuous"
+    one_device = make_mesh(1, 1, devices=jax.devices()[:1])
+    for d in range(D):
+        single, _, single_losses = train(params, jax.tree.map(lambda x: x[d : d + 1], bank0), rows(batches, d), one_device)
+        for t in LORA.targets:
+            for k in ("a", "b"):
+                np.testing.assert_allclose(stacked[t][k][d], single[t][k][0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(losses[:, d], single_losses[:, 0], atol=1e-5)
+
+
+def test_inactive_rows_bit_identical(setup):
+    params, batches = setup
+    only_step1 = [batches[1]]  # rows 3 and 6 are inactive in this batch
+    bank0 = jax.tree.map(np.asarray, init_bank(CFG, LORA, jax.random.key(1), D))
+    bank0 = jax.tree.map(lambda x: x + np.float32(0.01), bank0)  # non-trivial values everywhere
+    bank1, opt1, _ = train(params, bank0, only_step1, make_mesh(8, 1))
+    opt0 = jax.tree.map(np.asarray, init_opt_state(OPT, bank0))
+    for t in LORA.targets:
+        for k in ("a", "b"):
+            for d in (3, 6):
+                assert np.array_equal(bank1[t][k][d], bank0[t][k][d])
+            assert not np.array_equal(bank1[t][k][0], bank0[t][k][0])
+    for new, old in zip(jax.tree.leaves(opt1), jax.tree.leaves(opt0)):
+        for d in (3, 6):
+            assert np.array_equal(new[d], old[d])
+
+
+def test_zero_b_is_base_model_and_merge_is_sum_of_deltas():
+    params = init_params(CFG, jax.random.key(0))
+    fwd = jax.jit(forward, static_argnums=0)
+    tokens = jax.random.randint(jax.random.key(2), (3, 16), 0, 128)
+    pos = jnp.broadcast_to(jnp.arange(16), (3, 16))
+    bank = init_bank(CFG, LORA, jax.random.key(1), 5)  # B = 0 at init
+    base, _ = fwd(CFG, params, tokens, pos)
+    rows_qk = jnp.array([[0, 1, 2], [3, 4, 0], [2, 2, 1]])
+    with_zero, _ = fwd(CFG, params, tokens, pos, adapters=merge_topk(bank, rows_qk, LORA.scale))
+    assert np.array_equal(np.asarray(base), np.asarray(with_zero))
+
+    bank = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape) * 0.05, bank)
+    merged = merge_topk(bank, rows_qk, LORA.scale)
+    for t in LORA.targets:  # rank concatenation == Σ_i scale · A_i B_i
+        a, b = merged[t]
+        dense = np.einsum("qlir,qlro->qlio", a, b)
+        expect = LORA.scale * np.einsum("qklir,qklro->qlio", bank[t]["a"][rows_qk], bank[t]["b"][rows_qk])
+        np.testing.assert_allclose(dense, expect, atol=1e-5)
+    mean = merge_topk(bank, rows_qk, LORA.scale, mode="mean")
+    np.testing.assert_allclose(np.asarray(mean["up"][1]) * 3, np.asarray(merged["up"][1]), rtol=1e-6)
+    out, _ = fwd(CFG, params, tokens, pos, adapters=merged)
+    assert not np.allclose(np.asarray(out), np.asarray(base), atol=1e-3)
