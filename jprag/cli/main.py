@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pathlib
 import sys
 from typing import Callable, Sequence
 
@@ -59,11 +60,61 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _mesh_axis(text: str) -> int:
+    value = int(text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or -1 (all remaining devices), got {text}")
+    return value
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _probability(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+# --------------------------------------------------------------------------- compilation cache
+
+CACHE_ENV = "JPRAG_CACHE"
+
+
+def cache_dir() -> pathlib.Path:
+    """jprag's cache directory: `$JPRAG_CACHE`, else `${XDG_CACHE_HOME:-~/.cache}/jprag`."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return pathlib.Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(xdg) / "jprag"
+
+
+def enable_compilation_cache() -> pathlib.Path | None:
+    """Turn on JAX's persistent compilation cache in `cache_dir()/jax`, so a re-run of a command
+    loads its compiled programs instead of compiling them again. Call it before anything
+    compiles. Leaves an explicit `JAX_COMPILATION_CACHE_DIR` alone; returns the directory used
+    (None when the cache directory cannot be created: the command then just compiles)."""
+    import jax
+
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    path = cache_dir() / "jax"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
 
 
 # --------------------------------------------------------------------------- generation
@@ -110,6 +161,7 @@ def _check_model_path(model: str | None) -> None:
 
 def _generate_one(prompt: str, args: argparse.Namespace) -> str:
     _check_model_path(args.model)
+    enable_compilation_cache()
     from jprag.model.chat import chat_generate  # heavy: imports JAX
 
     return chat_generate(
@@ -148,12 +200,78 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- encoding
+
+
+def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_argument_group("documents (one of)")
+    which = source.add_mutually_exclusive_group(required=True)
+    which.add_argument("--documents", metavar="FILE.jsonl",
+                       help="documents in the jprag format (id, passage, rewrite, qa)")
+    which.add_argument("--prag-dir", metavar="DIR", help="directory of the published PRAG augmented data")
+    source.add_argument("--files", nargs="+", metavar="FILE", default=None,
+                        help="with --prag-dir: files relative to DIR (default: the four PRAG evaluation files)")
+    source.add_argument("--limit-per-file", type=_positive_int, default=None, metavar="N",
+                        help="with --prag-dir: read only the first N questions of each file")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="adapter bank directory; re-running with the same arguments resumes")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete an existing bank in --out first instead of resuming it")
+    _add_model_argument(parser)
+    lora = parser.add_argument_group("adapters and training (PRAG defaults)")
+    lora.add_argument("--rank", type=_positive_int, default=2, help="LoRA rank (default: 2)")
+    lora.add_argument("--alpha", type=_positive_float, default=32.0, help="LoRA alpha (default: 32)")
+    lora.add_argument("--targets", type=_name_list, default=["gate", "up", "down"], metavar="T,T,...",
+                      help="projections to adapt, from q,k,v,o,gate,up,down (default: gate,up,down)")
+    lora.add_argument("--lr", type=_positive_float, default=3e-4, help="AdamW learning rate (default: 3e-4)")
+    lora.add_argument("--epochs", type=_positive_int, default=1, help="passes over each document's samples (default: 1)")
+    lora.add_argument("--seed", type=int, default=0, help="seed of the adapters' initialisation (default: 0)")
+    lora.add_argument("--cot", action="store_true", help="chain-of-thought samples (full answers)")
+    lora.add_argument("--answer-only-loss", action="store_true",
+                      help="train on the answer tokens only (default: every token, as PRAG)")
+    lora.add_argument("--max-len", type=_positive_int, default=512, metavar="N",
+                      help="longest training sample in tokens; longer knowledge text is shortened (default: 512)")
+    run = parser.add_argument_group("scheduling")
+    run.add_argument("--chunk-size", type=_positive_int, default=32, metavar="D",
+                     help="documents trained together (rounded up to a multiple of the data axis; default: 32)")
+    run.add_argument("--mesh-data", type=_mesh_axis, default=-1, metavar="N",
+                     help="devices on the document axis; -1 = all not used by --mesh-model (default: -1)")
+    run.add_argument("--mesh-model", type=_positive_int, default=1, metavar="N",
+                     help="devices the base model is sharded over (default: 1)")
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    _check_model_path(args.model)
+    from jprag.cli.encode import run_encode  # reads the documents, then calls enable_compilation_cache
+
+    return run_encode(args)
+
+
+def _add_export_peft_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bank", required=True, metavar="DIR", help="adapter bank written by `jprag encode`")
+    parser.add_argument("--doc", required=True, action="append", metavar="ID",
+                        help="document id; repeat to export the merge of several documents' adapters")
+    parser.add_argument("--mode", choices=("sum", "mean"), default="sum",
+                        help="how several adapters merge: sum of their deltas (PRAG) or mean (default: sum)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="PEFT LoRA directory to write")
+
+
+def _run_export_peft(args: argparse.Namespace) -> int:
+    from jprag.cli.encode import run_export_peft  # checks the bank, then calls enable_compilation_cache
+
+    return run_export_peft(args)
+
+
 # --------------------------------------------------------------------------- command table
 
 COMMANDS: list[Command] = [
     Command("generate", "chat-generate an answer to one prompt with the base model",
             _add_generate_arguments, _run_generate),
     Command("demo", "run the end-to-end demo", _add_demo_arguments, _run_demo),
+    Command("encode", "train one LoRA adapter per document into an adapter bank (resumable)",
+            _add_encode_arguments, _run_encode),
+    Command("export-peft", "write one document's adapter, or the merge of several, as a PEFT LoRA directory",
+            _add_export_peft_arguments, _run_export_peft),
 ]
 
 

@@ -1,0 +1,252 @@
+"""Handlers of `jprag encode` (documents -> adapter bank) and `jprag export-peft` (bank rows ->
+PEFT LoRA directory). `jprag.cli.main` defines their arguments and calls in here lazily.
+
+Nothing heavy is imported at module level: documents are read and arguments checked before
+JAX and the model are loaded, so bad input fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Any, Mapping, Sequence
+
+# --------------------------------------------------------------------------- encode
+
+
+def _read_documents(args: argparse.Namespace) -> tuple[list, dict[str, Any]]:
+    """`(documents, source)`: the documents to encode and a JSON description of where from."""
+    from jprag.data.documents import DEFAULT_PRAG_FILES, read_documents_jsonl, read_prag_dir
+
+    if args.documents is not None:
+        if args.files is not None or args.limit_per_file is not None:
+            raise ValueError("--files and --limit-per-file apply to --prag-dir only")
+        path = pathlib.Path(args.documents)
+        if not path.is_file():
+            raise FileNotFoundError(f"--documents {path}: no such file")
+        docs = read_documents_jsonl(path)
+        source = {"kind": "documents", "path": str(path.resolve())}
+        where = str(path)
+    else:
+        data_dir = pathlib.Path(args.prag_dir)
+        if not data_dir.is_dir():
+            raise FileNotFoundError(f"--prag-dir {data_dir}: no such directory")
+        files = list(args.files) if args.files is not None else list(DEFAULT_PRAG_FILES)
+        questions, docs = read_prag_dir(data_dir, files, args.limit_per_file)
+        source = {"kind": "prag", "dir": str(data_dir.resolve()), "files": files,
+                  "limit_per_file": args.limit_per_file, "questions": len(questions)}
+        where = str(data_dir)
+    if not docs:
+        raise ValueError(f"{where}: no documents to encode")
+    no_qa = [d.id for d in docs if not d.qa]
+    if no_qa:
+        raise ValueError(f"{where}: {len(no_qa)} document(s) have no QA pairs, hence no training samples "
+                         f"(first: {no_qa[0]!r})")
+    return docs, source
+
+
+def _prepare_out_dir(out: pathlib.Path, overwrite: bool) -> None:
+    """`--overwrite` removes an existing bank; refuse to touch anything that is not a bank."""
+    from jprag.lora.store import INDEX
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if not out.is_dir() or (out / INDEX).is_file():
+        if overwrite and out.is_dir():
+            shutil.rmtree(out)
+        return
+    if any(out.iterdir()):
+        raise ValueError(f"--out {out}: directory is not empty and holds no adapter bank ({INDEX}); "
+                         "refusing to write (or delete) there")
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> bool:
+    """Before loading the model: an existing bank must come from the same documents and settings.
+
+    (`encode_documents` checks the model, shapes and chunk plan again once they are known.)
+    Returns whether there is a bank to resume.
+    """
+    from jprag.lora.store import INDEX, BankError, read_index
+
+    if not (out / INDEX).is_file():
+        return False
+    old = read_index(out)
+    for field, value in expected.items():
+        if old.get(field) != _json_roundtrip(value):
+            raise BankError(
+                f"{out}/{INDEX}: field {field!r} differs from this run's; the directory holds another "
+                "encoding run (use a new --out directory, or --overwrite to replace it)"
+            )
+    return True
+
+
+def _tokenize(tokenizer, docs: Sequence, recipe, progress: bool) -> list:
+    from tqdm.auto import tqdm
+
+    from jprag.train.recipe import document_examples
+
+    return [document_examples(tokenizer, d, recipe)
+            for d in tqdm(docs, desc="tokenize", unit="doc", disable=not progress)]
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.0f} {unit}" if unit == "B" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    docs, source = _read_documents(args)
+    from jprag.lora.adapters import ALL_TARGETS, LoraConfig
+    from jprag.train.recipe import RecipeConfig
+    from jprag.train.stacked import TrainConfig
+
+    bad = [t for t in args.targets if t not in ALL_TARGETS]
+    if bad or not args.targets:
+        raise ValueError(f"--targets: unknown target(s) {', '.join(bad) or '(none given)'}; "
+                         f"choose from {','.join(ALL_TARGETS)}")
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets))
+    train = TrainConfig(learning_rate=args.lr, epochs=args.epochs)
+    recipe = RecipeConfig(cot=args.cot, answer_only_loss=args.answer_only_loss, max_len=args.max_len)
+    doc_ids = [d.id for d in docs]
+    out = pathlib.Path(args.out)
+    _prepare_out_dir(out, args.overwrite)
+    resuming = _check_resume(out, {
+        "doc_ids": doc_ids, "lora": dataclasses.asdict(lora) | {"targets": list(lora.targets)},
+        "train": dataclasses.asdict(train), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
+    })
+
+    t_start = time.perf_counter()
+    from jprag.cli.main import enable_compilation_cache
+
+    enable_compilation_cache()
+    from jprag.lora.store import bytes_per_document
+    from jprag.mesh import make_mesh
+    from jprag.model.chat import load
+    from jprag.train.encoder import encode_documents
+
+    mesh = make_mesh(args.mesh_data, args.mesh_model)
+    lm = load(args.model)
+    per_doc = _tokenize(lm.tokenizer, docs, recipe, progress=True)
+    n_truncated = sum(1 for ex in per_doc for e in ex if e.truncated)
+    t_train = time.perf_counter()
+    index = encode_documents(
+        lm.cfg, lm.params, per_doc, doc_ids, out,
+        lora=lora, train=train, chunk_size=args.chunk_size, mesh=mesh, seed=args.seed,
+        pad_id=int(lm.tokenizer.pad_token_id or 0), model_id=os.path.abspath(lm.path),
+        extra_index={"recipe": dataclasses.asdict(recipe), "source": source, "model_family": lm.cfg.family},
+        progress=True,
+    )
+    t_end = time.perf_counter()
+
+    chunks = index["chunks"]
+    seconds = sum(c.get("seconds", 0.0) for c in chunks)
+    tokens = sum(c.get("tokens", 0) for c in chunks)
+    n = len(doc_ids)
+    wall = t_end - t_start
+    print(f"encoded {n} documents in {len(chunks)} chunks into {out}"
+          + (" (resumed)" if resuming else ""))
+    print(f"samples: {sum(len(e) for e in per_doc)} ({n_truncated} with shortened knowledge, "
+          f"max_len {recipe.max_len}); mesh data={mesh.shape['data']} model={mesh.shape['model']}")
+    print(f"wall time {wall:.1f} s (training {t_end - t_train:.1f} s); "
+          f"{n / max(t_end - t_train, 1e-9):.2f} docs/s including compilation")
+    if seconds > 0:
+        print(f"training time over all chunks {seconds:.1f} s: {len(doc_ids) / seconds:.2f} docs/s, "
+              f"{tokens / seconds:.0f} tokens/s")
+    per_doc_params = lora.num_params(lm.cfg)
+    print(f"adapter per document: {per_doc_params:,} parameters = "
+          f"{_size(bytes_per_document(lora, lm.cfg, 4))} fp32 / {_size(bytes_per_document(lora, lm.cfg, 2))} bf16")
+    return 0
+
+
+# --------------------------------------------------------------------------- export-peft
+
+
+def load_rows(root: str | os.PathLike, doc_ids: Sequence[str]) -> tuple[dict, dict[str, Any]]:
+    """Rows `{target: {"a": [k, ...], "b": [k, ...]}}` of the given documents (in that order) and
+    the index, reading only the chunks that hold them. Unknown ids and unfinished chunks raise
+    `BankError`."""
+    import numpy as np
+
+    from jprag.lora.store import BankError, load_chunk, lora_from_index, read_index
+
+    root = pathlib.Path(root)
+    index = read_index(root)
+    lora = lora_from_index(index)
+    row_of = {d: i for i, d in enumerate(index["doc_ids"])}
+    for d in doc_ids:
+        if d not in row_of:
+            close = difflib.get_close_matches(d, list(row_of), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise BankError(f"{root}: no document {d!r} in this bank ({len(row_of)} documents){hint}")
+    where = {r: (c, j) for c, chunk in enumerate(index["chunks"]) for j, r in enumerate(chunk["rows"])}
+    shapes, dtype = index["shapes"], np.dtype(index.get("dtype", "float32"))
+    loaded: dict[int, dict] = {}
+    parts = []
+    for d in doc_ids:
+        if row_of[d] not in where:
+            raise BankError(f"{root}/index.json: document {d!r} is in no chunk of the plan")
+        c, j = where[row_of[d]]
+        chunk = index["chunks"][c]
+        if not chunk.get("done"):
+            raise BankError(f"{root}: document {d!r} is in chunk {c}, which is not finished; "
+                            "re-run `jprag encode` with the same arguments to resume")
+        if c not in loaded:
+            template = {t: {k: np.zeros((len(chunk["rows"]), *shapes[t][k]), dtype) for k in ("a", "b")}
+                        for t in lora.targets}
+            loaded[c] = load_chunk(root, c, template)
+        parts.append({t: {k: np.asarray(loaded[c][t][k][j]) for k in ("a", "b")} for t in lora.targets})
+    rows = {t: {k: np.stack([p[t][k] for p in parts]) for k in ("a", "b")} for t in lora.targets}
+    return rows, index
+
+
+def run_export_peft(args: argparse.Namespace) -> int:
+    from jprag.lora.store import read_index
+
+    root = pathlib.Path(args.bank)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--bank {root}: no such directory")
+    seen = set()
+    for d in args.doc:
+        if d in seen:
+            raise ValueError(f"--doc {d!r} is given twice")
+        seen.add(d)
+    read_index(root)  # a clean BankError before JAX is imported
+
+    from jprag.cli.main import enable_compilation_cache
+
+    enable_compilation_cache()
+    import numpy as np
+
+    from jprag.lora.adapters import merge_topk
+    from jprag.lora.peft import export_applied, export_peft
+    from jprag.lora.store import lora_from_index
+
+    rows, index = load_rows(root, args.doc)
+    lora = lora_from_index(index)
+    base = index.get("model") or None
+    family = index.get("model_family", "llama")
+    out = pathlib.Path(args.out)
+    if len(args.doc) == 1:
+        adapter = {t: {k: v[0] for k, v in ab.items()} for t, ab in rows.items()}
+        export_peft(adapter, lora, out, base_model_name_or_path=base, model_family=family)
+        print(f"wrote the adapter of document {args.doc[0]} (r={lora.rank}, alpha={lora.alpha:g}) to {out}")
+    else:
+        k = len(args.doc)
+        merged = merge_topk(rows, np.arange(k)[None, :], lora.scale, args.mode)
+        export_applied({t: (np.asarray(a[0]), np.asarray(b[0])) for t, (a, b) in merged.items()}, out,
+                       base_model_name_or_path=base, model_family=family)
+        print(f"wrote the {args.mode} of {k} documents' adapters (r={k * lora.rank}, scale folded in) to {out}")
+    return 0
