@@ -45,7 +45,7 @@ GEN_TOKENS = 32
 def lm():
     from jprag.model.chat import load
 
-    # load(None), not load(): the same lru_cache entry as chat_generate's default model
+    # the same cached model chat_generate uses by default
     return load(None)
 
 

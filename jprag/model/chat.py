@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,10 +47,20 @@ class LoadedModel:
         return list(self.tokenizer(((system + "\n\n") if system else "") + user)["input_ids"])
 
 
-@functools.lru_cache(maxsize=2)
 def load(path: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load weights (HF directory or GGUF; None = the embedded default) and the tokenizer."""
-    from jprag.model.weights import default_model_path, load_model, load_tokenizer
+    """Load weights (HF directory or GGUF; None = the embedded default) and the tokenizer.
+
+    Cached per (resolved path, dtype): repeated calls return the same device-resident model.
+    """
+    from jprag.model.weights import default_model_path
+
+    resolved = str(pathlib.Path(path).resolve()) if path is not None else str(default_model_path())
+    return _load(resolved, dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, dtype: str) -> LoadedModel:
+    from jprag.model.weights import load_model, load_tokenizer
 
     cfg, params = load_model(path)
     cfg = cfg.replace(dtype=dtype)
@@ -57,7 +68,7 @@ def load(path: str | None = None, dtype: str = "float32") -> LoadedModel:
     tokenizer = load_tokenizer(path)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")
-    return LoadedModel(cfg, params, tokenizer, str(path or default_model_path()))
+    return LoadedModel(cfg, params, tokenizer, path)
 
 
 def chat_generate(

@@ -88,6 +88,7 @@ def generate_tokens(
     adapters: Mapping[str, tuple[Array, Array]] | None = None,
     temperature: Array | float = 1.0,
     top_p: Array | float = 1.0,
+    limit: Array | int | None = None,
     *,
     max_new: int,
     mode: tuple[bool, int, bool] = (True, 0, False),
@@ -96,7 +97,8 @@ def generate_tokens(
 
     tokens_bp, mask_bp [batch, prompt] (mask 1 = real token, left padding); stop_ids [n] int32
     (pad with -1); `mode` as in `sample_logits`. A row whose mask is all zero is batch padding:
-    it is done from the start and yields only -1. Returns `(out [batch, max_new] int32,
+    it is done from the start and yields only -1. `limit` (traced, <= max_new) stops the loop
+    early without recompiling: `max_new` sizes the buffers, `limit` the work. Returns `(out [batch, max_new] int32,
     n_generated [batch])`; entries from a row's stop token on are -1.
     """
     B, P = tokens_bp.shape
@@ -113,10 +115,11 @@ def generate_tokens(
     # rows without a single real token (batch padding) are done from the start, so they
     # cannot keep the loop running after every real row has stopped
     state = (jnp.int32(0), first, lengths_b == 0, out, cache, key)
+    n_steps = jnp.minimum(jnp.asarray(max_new if limit is None else limit, jnp.int32), max_new)
 
     def cond(state):
         step, _, done, *_ = state
-        return (step < max_new) & ~jnp.all(done)
+        return (step < n_steps) & ~jnp.all(done)
 
     def body(state):
         step, tok_b, done, out, cache, key = state
@@ -196,6 +199,7 @@ def generate(
         _pad_adapters(adapters, B),
         max(sampling.temperature, 1e-6),
         sampling.top_p,
+        max_new_tokens,
         max_new=bucket(max_new_tokens, minimum=16),
         mode=sampling.mode,
     )

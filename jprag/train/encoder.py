@@ -22,7 +22,7 @@ import pathlib
 
 from jprag.lora.adapters import LoraConfig, init_bank
 from jprag.lora.store import FORMAT, BankError, lora_to_json, read_index, save_chunk, write_index
-from jprag.mesh import make_mesh, pad_to_data
+from jprag.mesh import doc_shardings, make_mesh, pad_to_data, param_shardings
 from jprag.model.config import ModelConfig
 from jprag.train.recipe import Example, pack_step_batches
 from jprag.train.stacked import TrainConfig, init_opt_state, jit_train_step, make_train_step
@@ -110,7 +110,12 @@ def encode_documents(
     step = make_train_step(cfg, lora, optimizer)
     key = jax.random.key(seed)
     jitted = None
+    # Everything the step takes lives on the mesh from the first step on: an unsharded first
+    # argument would be a different input type (one more compile per shape) and the base
+    # params would be resharded on every step.
     todo = [c for c, chunk in enumerate(index["chunks"]) if not chunk["done"]]
+    if todo:
+        params = jax.device_put(params, param_shardings(params, mesh))
     n_done = len(doc_ids) - sum(len(index["chunks"][c]["rows"]) for c in todo)
     bar = tqdm(total=len(doc_ids), initial=n_done, unit="doc", desc="encode", disable=not progress)
     for c in todo:
@@ -119,7 +124,9 @@ def encode_documents(
         examples = [list(per_doc_examples[r]) for r in rows] + [[] for _ in range(D - len(rows))]
         # padding rows draw init from index -1 and are never active
         bank = init_bank(cfg, lora, key, jnp.asarray(list(rows) + [-1] * (D - len(rows))))
+        bank = jax.device_put(bank, doc_shardings(bank, mesh))
         opt_state = init_opt_state(optimizer, bank)
+        opt_state = jax.device_put(opt_state, doc_shardings(opt_state, mesh))
         steps = pack_step_batches(examples, pad_id, multiple=length_multiple) * train.epochs
         n_tokens, losses = 0, []
         for batch in steps:
