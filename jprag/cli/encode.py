@@ -70,16 +70,16 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> bool:
+def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> int:
     """Before loading the model: an existing bank must come from the same documents and settings.
 
     (`encode_documents` checks the model, shapes and chunk plan again once they are known.)
-    Returns whether there is a bank to resume.
+    Returns how many documents the existing bank already holds (0 when there is none).
     """
     from jprag.lora.store import INDEX, BankError, read_index
 
     if not (out / INDEX).is_file():
-        return False
+        return 0
     old = read_index(out)
     for field, value in expected.items():
         if old.get(field) != _json_roundtrip(value):
@@ -87,7 +87,7 @@ def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> bool:
                 f"{out}/{INDEX}: field {field!r} differs from this run's; the directory holds another "
                 "encoding run (use a new --out directory, or --overwrite to replace it)"
             )
-    return True
+    return sum(len(c["rows"]) for c in old["chunks"] if c.get("done"))
 
 
 def _tokenize(tokenizer, docs: Sequence, recipe, progress: bool) -> list:
@@ -110,6 +110,7 @@ def _size(n_bytes: int) -> str:
 def run_encode(args: argparse.Namespace) -> int:
     docs, source = _read_documents(args)
     from jprag.lora.adapters import ALL_TARGETS, LoraConfig
+    from jprag.lora.store import lora_to_json
     from jprag.train.recipe import RecipeConfig
     from jprag.train.stacked import TrainConfig
 
@@ -117,14 +118,14 @@ def run_encode(args: argparse.Namespace) -> int:
     if bad or not args.targets:
         raise ValueError(f"--targets: unknown target(s) {', '.join(bad) or '(none given)'}; "
                          f"choose from {','.join(ALL_TARGETS)}")
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets))
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(dict.fromkeys(args.targets)))
     train = TrainConfig(learning_rate=args.lr, epochs=args.epochs)
     recipe = RecipeConfig(cot=args.cot, answer_only_loss=args.answer_only_loss, max_len=args.max_len)
     doc_ids = [d.id for d in docs]
     out = pathlib.Path(args.out)
     _prepare_out_dir(out, args.overwrite)
-    resuming = _check_resume(out, {
-        "doc_ids": doc_ids, "lora": dataclasses.asdict(lora) | {"targets": list(lora.targets)},
+    n_before = _check_resume(out, {
+        "doc_ids": doc_ids, "lora": lora_to_json(lora),
         "train": dataclasses.asdict(train), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
     })
 
@@ -152,19 +153,17 @@ def run_encode(args: argparse.Namespace) -> int:
     t_end = time.perf_counter()
 
     chunks = index["chunks"]
+    n, n_new = len(doc_ids), len(doc_ids) - n_before
     seconds = sum(c.get("seconds", 0.0) for c in chunks)
     tokens = sum(c.get("tokens", 0) for c in chunks)
-    n = len(doc_ids)
-    wall = t_end - t_start
-    print(f"encoded {n} documents in {len(chunks)} chunks into {out}"
-          + (" (resumed)" if resuming else ""))
-    print(f"samples: {sum(len(e) for e in per_doc)} ({n_truncated} with shortened knowledge, "
-          f"max_len {recipe.max_len}); mesh data={mesh.shape['data']} model={mesh.shape['model']}")
-    print(f"wall time {wall:.1f} s (training {t_end - t_train:.1f} s); "
-          f"{n / max(t_end - t_train, 1e-9):.2f} docs/s including compilation")
+    print(f"encoded {n} documents in {len(chunks)} chunk(s) of up to {len(chunks[0]['rows'])} into {out}")
+    print(f"samples: {sum(len(e) for e in per_doc)} ({n_truncated} with shortened knowledge text, "
+          f"max_len {recipe.max_len}); mesh data={mesh.shape['data']} x model={mesh.shape['model']}")
+    resumed = f"; {n_before} were already encoded (resumed)" if n_before else ""
+    print(f"this run: {n_new} documents trained in {t_end - t_train:.1f} s including compilation "
+          f"({n_new / max(t_end - t_train, 1e-9):.2f} docs/s){resumed}; wall time {t_end - t_start:.1f} s")
     if seconds > 0:
-        print(f"training time over all chunks {seconds:.1f} s: {len(doc_ids) / seconds:.2f} docs/s, "
-              f"{tokens / seconds:.0f} tokens/s")
+        print(f"all chunks: {seconds:.1f} s of training, {n / seconds:.2f} docs/s, {tokens / seconds:.0f} tokens/s")
     per_doc_params = lora.num_params(lm.cfg)
     print(f"adapter per document: {per_doc_params:,} parameters = "
           f"{_size(bytes_per_document(lora, lm.cfg, 4))} fp32 / {_size(bytes_per_document(lora, lm.cfg, 2))} bf16")

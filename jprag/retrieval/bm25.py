@@ -10,7 +10,6 @@ then). Saved indexes are plain bm25s files (numpy arrays + JSON, never pickle) p
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 from typing import Sequence
@@ -20,8 +19,6 @@ import numpy as np
 BM25_FORMAT_VERSION = 1
 IDS_FILE = "bm25_ids.json"
 _STOPWORDS = "en"
-
-log = logging.getLogger(__name__)
 
 
 def check_ids(n_texts: int, ids: Sequence[str]) -> list[str]:
