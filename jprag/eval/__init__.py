@@ -1,2 +1,3 @@
-"""Evaluation: answer scoring (`jprag.eval.metrics`: SQuAD/HotpotQA exact match, token F1,
-has-answer) and the PRAG inference prompts with answer extraction (`jprag.eval.prompts`)."""
+"""Evaluation: answer scoring (`metrics`: SQuAD/HotpotQA exact match, token F1, has-answer),
+the PRAG inference prompts with answer extraction (`prompts`), and the answering methods
+behind one interface (`methods`: vanilla, standard RAG, PRAG, PRAG-Combine, ...)."""

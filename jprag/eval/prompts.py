@@ -106,7 +106,7 @@ def build_user_prompt(
 # ----------------------------------------------------------------------------- extraction
 
 _NEXT_QUESTION = re.compile(r"\n\s*Question\s*:")
-_ANSWER_IS = re.compile(r"answer is\b", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer(?:\s+to\s+(?:this|the)\s+question)?\s+is\b", re.IGNORECASE)
 _LEADING_LABEL = re.compile(r"^(?:the\s+(?:final\s+)?answer\s+is\b|(?:final\s+)?answer\s*:)\s*:?\s*",
                             re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?](?=[\"'”’)]*(?:\s|$))")
@@ -153,7 +153,8 @@ def extract_answer(generated: str, cot: bool, *, max_words: int | None = 16) -> 
     0. Drop everything from a line starting with ``Question:`` on (the model starting a new
        few-shot example): ``"... So the answer is Kelvaston.\n\nQuestion: Who ...?\nAnswer:
        ... So the answer is Bob."`` -> ``"Kelvaston"``.
-    1. CoT: keep the text after the *last* "answer is" (case-insensitive), so the reasoning
+    1. CoT: keep the text after the *last* "answer is" (case-insensitive; also "answer to
+       this/the question is"), so the reasoning
        before "So the answer is" is dropped; without that phrase keep the whole text.
        ``"Ilse Marrow was born in Kelvaston. So the answer is Kelvaston."`` -> ``"Kelvaston"``.
        Direct: keep the first non-empty line, and if *that line* says "answer is", the text

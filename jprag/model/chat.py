@@ -35,8 +35,15 @@ class LoadedModel:
                 ids.add(tid)
         return sorted(ids)
 
-    def chat_tokens(self, user: str, system: str | None = None) -> list[int]:
-        """Token ids of a one-turn chat prompt, ending where the assistant's answer starts."""
+    def chat_tokens(self, user: str, system: str | None = None, assistant_prefix: str = "") -> list[int]:
+        """Token ids of a one-turn chat prompt, ending where the assistant's answer starts.
+
+        `assistant_prefix` is pre-filled in the assistant turn (e.g. "The answer is").
+        """
+        prefix = self.tokenizer.encode(assistant_prefix, add_special_tokens=False) if assistant_prefix else []
+        return self._turn_tokens(user, system) + list(prefix)
+
+    def _turn_tokens(self, user: str, system: str | None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         if getattr(self.tokenizer, "chat_template", None):
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -254,15 +254,22 @@ class Transformer(nn.Module):
         x = rms_norm(x, final_norm, cfg.norm_eps, cfg.norm_plus_one)
         if output == "hidden":
             return x, new_cache
-        if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed.astype(dtype))
-        else:
+        head = None
+        if not cfg.tie_embeddings:
             head = self.param("lm_head", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
-        logits = logits.astype(jnp.float32)
-        if cfg.final_logit_softcap:
-            logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
-        return logits, new_cache
+        return lm_head(cfg, {"embed": embed, "lm_head": head}, x), new_cache
+
+
+def lm_head(cfg: ModelConfig, params: Mapping[str, Any], x_btd: Array) -> Array:
+    """float32 logits [..., vocab] from final-norm hidden states (tied or untied head, softcap)."""
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("...d,vd->...v", x_btd, params["embed"].astype(x_btd.dtype))
+    else:
+        logits = jnp.einsum("...d,dv->...v", x_btd, params["lm_head"].astype(x_btd.dtype))
+    logits = logits.astype(jnp.float32)
+    if cfg.final_logit_softcap:
+        logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return logits
 
 
 def forward(
@@ -303,6 +310,7 @@ __all__ = [
     "init_params",
     "positions_from_mask",
     "num_flops_per_token",
+    "lm_head",
     "rms_norm",
     "apply_rope",
     "project",

@@ -10,6 +10,7 @@ directory and the index is updated; re-running with the same arguments skips fin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +38,14 @@ def plan_chunks(per_doc_examples: Sequence[Sequence[Example]], chunk_size: int) 
     total = [sum(len(e.tokens) for e in ex) for ex in per_doc_examples]
     order = sorted(range(len(total)), key=lambda i: (-total[i], i))
     return [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _train_step(cfg: ModelConfig, lora: LoraConfig, train: TrainConfig):
+    """`(optimizer, step)`, one per configuration: re-using the same step function lets JAX re-use
+    its compiled programs when `encode_documents` runs again in the same process."""
+    optimizer = train.optimizer()
+    return optimizer, make_train_step(cfg, lora, optimizer)
 
 
 def _new_index(doc_ids, lora, train, model_id, chunks, seed, shapes, extra) -> dict[str, Any]:
@@ -95,7 +104,8 @@ def encode_documents(
     if empty:
         raise ValueError(f"{len(empty)} documents have no training samples (first: {empty[0]!r})")
     mesh = mesh or make_mesh()
-    D = pad_to_data(min(chunk_size, len(doc_ids)), mesh)
+    longest = max(bucket_length(len(e.tokens), length_multiple) for ex in per_doc_examples for e in ex)
+    D = pad_to_data(min(chunk_size, len(doc_ids), max(1, train.max_tokens_per_step // longest)), mesh)
     root = pathlib.Path(out_dir)
     shapes = {t: {k: list(v) for k, v in ab.items()} for t, ab in lora.shapes(cfg).items()}
     index = _new_index(doc_ids, lora, train, model_id, plan_chunks(per_doc_examples, D), seed, shapes,
@@ -106,8 +116,7 @@ def encode_documents(
         index = old
     write_index(root, index)
 
-    optimizer = train.optimizer()
-    step = make_train_step(cfg, lora, optimizer)
+    optimizer, step = _train_step(cfg, lora, train)
     key = jax.random.key(seed)
     jitted = None
     # Everything the step takes lives on the mesh from the first step on: an unsharded first

@@ -21,7 +21,7 @@ import optax
 from jprag.lora.adapters import Bank, LoraConfig, applied
 from jprag.mesh import doc_sharding, doc_shardings, param_shardings
 from jprag.model.config import ModelConfig
-from jprag.model.transformer import forward, positions_from_mask
+from jprag.model.transformer import forward, lm_head, positions_from_mask
 
 Array = jax.Array
 
@@ -36,6 +36,10 @@ class TrainConfig:
     b2: float = 0.999
     eps: float = 1e-8
     epochs: int = 1
+    # Memory budget of one stacked step: documents per chunk are capped so that
+    # D × (longest bucketed sample) stays under this many tokens. Activations of the frozen
+    # model dominate memory (about 1.5 MB per token for SmolLM2-135M in fp32 without remat).
+    max_tokens_per_step: int = 4096
 
     def optimizer(self) -> optax.GradientTransformation:
         return optax.adamw(self.learning_rate, self.b1, self.b2, self.eps, weight_decay=self.weight_decay)
@@ -50,11 +54,39 @@ def lm_loss(logits_bsv: Array, tokens_bs: Array, loss_mask_bs: Array) -> Array:
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
+def chunked_lm_loss(cfg: ModelConfig, params, hidden_bsd: Array, tokens_bs: Array, loss_mask_bs: Array,
+                    chunk: int = 1024) -> Array:
+    """`lm_loss` from final hidden states without materialising all `[tokens, vocab]` logits.
+
+    Tokens are processed in chunks under `jax.checkpoint`, so the forward and the backward each
+    hold one chunk's logits (`chunk × vocab` floats) instead of the whole sequence's; the price
+    is recomputing each chunk's head matmul in the backward pass.
+    """
+    d = hidden_bsd.shape[-1]
+    h = hidden_bsd[:, :-1].reshape(-1, d)
+    target = tokens_bs[:, 1:].reshape(-1)
+    w = loss_mask_bs[:, 1:].reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    chunk = min(chunk, n)
+    pad = (-n) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    target = jnp.pad(target, (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def nll(args):
+        h_cd, t_c = args
+        logits = lm_head(cfg, params, h_cd)
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+
+    nll_n = jax.lax.map(nll, (h, target)).reshape(-1)[:n]
+    return jnp.sum(nll_n * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
 def doc_loss(cfg: ModelConfig, scale: float, params, adapter: Mapping, batch: Mapping[str, Array]) -> Array:
     """Loss of ONE document's adapter on its sequences `tokens [n, S]` (right padded)."""
     positions = positions_from_mask(batch["attn_mask"])
-    logits, _ = forward(cfg, params, batch["tokens"], positions, adapters=applied(adapter, scale))
-    return lm_loss(logits, batch["tokens"], batch["loss_mask"] * batch["attn_mask"])
+    hidden, _ = forward(cfg, params, batch["tokens"], positions, adapters=applied(adapter, scale), output="hidden")
+    return chunked_lm_loss(cfg, params, hidden, batch["tokens"], batch["loss_mask"] * batch["attn_mask"])
 
 
 def stacked_loss(cfg: ModelConfig, scale: float, params, bank: Bank, batch: Mapping[str, Array]):
@@ -112,6 +144,7 @@ def jit_train_step(step, mesh, params, bank, opt_state, batch):
 __all__ = [
     "TrainConfig",
     "lm_loss",
+    "chunked_lm_loss",
     "doc_loss",
     "stacked_loss",
     "init_opt_state",

@@ -1,0 +1,126 @@
+"""Answering methods behind one interface, so new ones (Poly-PRAG, DyPRAG, ...) plug in.
+
+A `Method` is two independent choices:
+
+* `passages`: paste the question's top-k passages into the prompt (standard RAG) or not;
+* `adapters`: an `AdapterSource` that turns each question's top-k document ids into a
+  per-row adapter `{target: (a [q, L, in, R], b [q, L, R, out])}` (PRAG: rank-concatenated
+  sum of the documents' LoRAs), or None for the frozen model.
+
+vanilla = (no passages, no adapters); standard RAG = (passages, none); PRAG = (none, bank);
+PRAG-Combine = (passages, bank). Every method answers a batch of questions with one batched
+`generate` call per `GenConfig.batch_size` questions, each row carrying its own adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jprag.data.documents import Document, Question
+from jprag.eval.prompts import assistant_prefix, build_user_prompt, extract_answer
+from jprag.lora.adapters import Bank, LoraConfig, merge_topk
+from jprag.model.generate import SamplingConfig, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class GenConfig:
+    """How answers are generated: greedy, `max_new_tokens`, direct or chain-of-thought."""
+
+    max_new_tokens: int = 32
+    cot: bool = False
+    batch_size: int = 16
+    top_k: int = 3
+    fewshot: tuple[tuple[str, str], ...] = ()
+
+
+class AdapterSource(Protocol):
+    """Per-question adapters from their retrieved documents."""
+
+    def adapters(self, doc_ids_qk: Sequence[Sequence[str]]) -> Mapping[str, tuple[jax.Array, jax.Array]]: ...
+
+
+@dataclasses.dataclass
+class BankSource:
+    """PRAG: a trained adapter bank; a question's adapter is the merge of its top-k rows."""
+
+    bank: Bank
+    doc_rows: Mapping[str, int]
+    lora: LoraConfig
+    mode: str = "sum"
+
+    def adapters(self, doc_ids_qk):
+        missing = sorted({d for ids in doc_ids_qk for d in ids if d not in self.doc_rows})
+        if missing:
+            raise KeyError(f"{len(missing)} retrieved documents have no adapter in the bank (first: {missing[0]!r})")
+        rows = jnp.asarray([[self.doc_rows[d] for d in ids] for ids in doc_ids_qk], jnp.int32)
+        return merge_topk(self.bank, rows, self.lora.scale, self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    passages: bool
+    source: str | None = None  # key of the AdapterSource in the context, e.g. "prag"
+
+
+# Registry of method names → definitions; later issues register their own.
+METHODS: dict[str, Method] = {
+    "vanilla": Method("vanilla", passages=False),
+    "rag": Method("rag", passages=True),
+    "prag": Method("prag", passages=False, source="prag"),
+    "prag-combine": Method("prag-combine", passages=True, source="prag"),
+}
+
+
+def register(method: Method) -> None:
+    METHODS[method.name] = method
+
+
+@dataclasses.dataclass
+class EvalContext:
+    """Everything methods read: the model, documents, retrieval results, adapter sources."""
+
+    lm: Any  # jprag.model.chat.LoadedModel
+    docs: Mapping[str, Document]
+    retrieved: Mapping[str, Sequence[str]]  # question id → doc ids, best first
+    gen: GenConfig = GenConfig()
+    sources: dict[str, AdapterSource] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    outputs: list[str]  # full generated continuation (after the assistant prefix)
+    predictions: list[str]  # extracted short answers
+
+
+def answer(method: Method, ctx: EvalContext, questions: Sequence[Question],
+           progress: Callable[[int], None] | None = None) -> Answers:
+    """Answer `questions` with `method`: batched generation, per-row adapters when it has any."""
+    if method.source is not None and method.source not in ctx.sources:
+        raise ValueError(f"method {method.name!r} needs adapter source {method.source!r}, which this run did not build")
+    lm, gen = ctx.lm, ctx.gen
+    prefix = assistant_prefix(gen.cot)
+    outputs: list[str] = []
+    for start in range(0, len(questions), gen.batch_size):
+        batch = questions[start : start + gen.batch_size]
+        doc_ids = [list(ctx.retrieved[q.id])[: gen.top_k] for q in batch]
+        prompts = []
+        for q, ids in zip(batch, doc_ids):
+            passages = [ctx.docs[d].passage for d in ids] if method.passages else None
+            user = build_user_prompt(q.question, passages, cot=gen.cot, fewshot=gen.fewshot)
+            prompts.append(lm.chat_tokens(user, assistant_prefix=prefix))
+        adapters = ctx.sources[method.source].adapters(doc_ids) if method.source else None
+        outs = generate(
+            lm.cfg, lm.params, prompts, max_new_tokens=gen.max_new_tokens, sampling=SamplingConfig(),
+            stop_ids=lm.stop_ids, adapters=adapters, pad_id=int(lm.tokenizer.pad_token_id or 0),
+        )
+        outputs += [lm.tokenizer.decode(np.asarray(o, np.int64), skip_special_tokens=True) for o in outs]
+        if progress:
+            progress(len(batch))
+    predictions = [extract_answer(o, gen.cot) for o in outputs]
+    return Answers(outputs, predictions)

@@ -1,0 +1,246 @@
+"""The end-to-end job: questions + corpus → augment → retrieve → encode → answer → score.
+
+`run(RunConfig)` writes into `out_dir`:
+
+    augment/      LLM augmentation cache (documents that came without rewrite/QA)
+    index/        the retrieval index (questions that came without retrieved passages)
+    bank/         the PRAG adapter bank (resumable, see `jprag.train.encoder`)
+    predictions.jsonl   one line per (method, question): output, prediction, scores
+    results.json  {"model", "dataset", "methods": {name: {em, f1, has_answer, n, by_type, seconds}}}
+    results.md    the Markdown table printed at the end;  results.png  a bar chart
+
+Every step is cached in `out_dir`, so re-running the same command resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+import tomllib
+from typing import Any, Mapping, Sequence
+
+from tqdm.auto import tqdm
+
+from jprag.data.documents import Document, Question
+from jprag.eval.methods import METHODS, BankSource, EvalContext, GenConfig, answer
+from jprag.eval.metrics import exact_match, f1, has_answer, score
+from jprag.lora.adapters import LoraConfig
+from jprag.train.recipe import RecipeConfig
+from jprag.train.stacked import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One evaluation run. Nested sections mirror the library's own config dataclasses."""
+
+    dataset: str = "sample"  # "sample" | "prag" (the published PRAG files under data_dir)
+    data_dir: str | None = None
+    limit_per_file: int | None = None  # prag: first N questions of each file
+    methods: tuple[str, ...] = ("vanilla", "rag", "prag", "prag-combine")
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    out_dir: str = "runs/demo"
+    retriever: str = "bm25"
+    chunk_size: int = 32
+    mesh_data: int = -1
+    mesh_model: int = 1
+    seed: int = 0
+    lora: LoraConfig = LoraConfig()
+    train: TrainConfig = TrainConfig()
+    recipe: RecipeConfig = RecipeConfig()
+    gen: GenConfig = GenConfig()
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; available: {sorted(METHODS)}")
+        if self.dataset not in ("sample", "prag"):
+            raise ValueError(f"dataset must be 'sample' or 'prag', got {self.dataset!r}")
+        if self.dataset == "prag" and not self.data_dir:
+            raise ValueError("dataset 'prag' needs data_dir (the directory of the published PRAG files)")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "RunConfig":
+        sections = {"lora": LoraConfig, "train": TrainConfig, "recipe": RecipeConfig, "gen": GenConfig}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kw: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in fields:
+                raise ValueError(f"{where}: unknown field {key!r} (known: {sorted(fields)})")
+            if key in sections:
+                sub = sections[key]
+                sub_fields = {f.name for f in dataclasses.fields(sub)}
+                bad = sorted(set(value) - sub_fields)
+                if bad:
+                    raise ValueError(f"{where}: unknown field(s) {bad} in [{key}] (known: {sorted(sub_fields)})")
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                kw[key] = sub(**value)
+            else:
+                kw[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | pathlib.Path) -> "RunConfig":
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"{path}: cannot parse ({e})") from None
+        return cls.from_dict(data, where=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_data(cfg: RunConfig) -> tuple[list[Question], list[Document], bool]:
+    """Questions, documents, and whether the questions come with their retrieved documents."""
+    if cfg.dataset == "sample":
+        from jprag.data.sample import load_sample
+
+        questions, docs = load_sample()
+        return questions, docs, False  # doc_ids are the gold supporting docs: retrieve instead
+    from jprag.data.documents import read_prag_dir
+
+    questions, docs = read_prag_dir(cfg.data_dir, limit_per_file=cfg.limit_per_file)
+    return questions, docs, True
+
+
+def augment_missing(lm, docs: list[Document], out: pathlib.Path) -> list[Document]:
+    """Augment (rewrite + QA with the model itself) the documents that came without it."""
+    todo = [d for d in docs if not d.rewrite or not d.qa]
+    if not todo:
+        return docs
+    from jprag.augment import augment_documents
+
+    done = {d.id: d for d in augment_documents(lm, [(d.id, d.passage) for d in todo], out / "augment")}
+    return [done.get(d.id, d) for d in docs]
+
+
+def retrieve(cfg: RunConfig, questions, docs, given: bool, out: pathlib.Path) -> dict[str, list[str]]:
+    if given:
+        return {q.id: list(q.doc_ids) for q in questions}
+    from jprag.retrieval import build_index, load_index
+
+    index_dir = out / "index"
+    try:
+        retriever = load_index(index_dir)
+        if len(retriever) != len(docs):
+            raise ValueError("stale index")
+    except (ValueError, FileNotFoundError):
+        retriever = build_index(cfg.retriever, docs, index_dir)
+    hits = retriever.search([q.question for q in questions], cfg.gen.top_k)
+    return {q.id: h for q, h in zip(questions, hits)}
+
+
+def encode_bank(cfg: RunConfig, lm, docs: Sequence[Document], out: pathlib.Path) -> BankSource:
+    """Train (or resume) the PRAG bank for `docs` and wrap it as the "prag" adapter source."""
+    import jax.numpy as jnp
+
+    from jprag.lora.store import load_bank
+    from jprag.mesh import make_mesh
+    from jprag.train.encoder import encode_documents
+    from jprag.train.recipe import corpus_examples
+
+    docs = [d for d in docs if d.qa]
+    examples = corpus_examples(lm.tokenizer, docs, cfg.recipe)
+    encode_documents(
+        lm.cfg, lm.params, examples, [d.id for d in docs], out / "bank",
+        lora=cfg.lora, train=cfg.train, chunk_size=cfg.chunk_size,
+        mesh=make_mesh(cfg.mesh_data, cfg.mesh_model), seed=cfg.seed,
+        pad_id=int(lm.tokenizer.pad_token_id or 0), model_id=lm.path,
+        extra_index={"recipe": dataclasses.asdict(cfg.recipe)},
+    )
+    bank, index = load_bank(out / "bank")
+    bank = {t: {k: jnp.asarray(v) for k, v in ab.items()} for t, ab in bank.items()}
+    return BankSource(bank, {d: i for i, d in enumerate(index["doc_ids"])}, cfg.lora)
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every configured method and write the results; returns the results dict."""
+    from jprag.model.chat import load
+
+    out = pathlib.Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
+    t_start = time.perf_counter()
+    lm = load(cfg.model)
+    questions, docs, given = load_data(cfg)
+    docs = augment_missing(lm, docs, out)
+    retrieved = retrieve(cfg, questions, docs, given, out)
+    by_id = {d.id: d for d in docs}
+    ctx = EvalContext(lm, by_id, retrieved, cfg.gen)
+
+    timings: dict[str, float] = {}
+    if any(METHODS[m].source == "prag" for m in cfg.methods):
+        t0 = time.perf_counter()
+        needed = sorted({d for q in questions for d in retrieved[q.id][: cfg.gen.top_k]})
+        ctx.sources["prag"] = encode_bank(cfg, lm, [by_id[d] for d in needed], out)
+        timings["encode"] = time.perf_counter() - t0
+
+    results = {"model": lm.path, "dataset": cfg.dataset if cfg.dataset == "sample" else str(cfg.data_dir),
+               "n_questions": len(questions), "n_documents": len(docs), "methods": {}, "timings": timings}
+    types = [q.type for q in questions]
+    answers = [q.answers for q in questions]
+    with open(out / "predictions.jsonl", "w") as pred_file:
+        for name in cfg.methods:
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(questions), desc=f"answer [{name}]", unit="q", disable=not progress)
+            got = answer(METHODS[name], ctx, questions, progress=bar.update)
+            bar.close()
+            res = score(got.predictions, got.outputs, answers, types)
+            res["seconds"] = time.perf_counter() - t0
+            results["methods"][name] = res
+            for q, o, p in zip(questions, got.outputs, got.predictions):
+                pred_file.write(json.dumps({
+                    "method": name, "id": q.id, "type": q.type, "question": q.question,
+                    "answers": list(q.answers), "output": o, "prediction": p,
+                    "em": exact_match(p, q.answers), "f1": f1(p, q.answers), "has_answer": has_answer(o, q.answers),
+                }) + "\n")
+    results["seconds"] = time.perf_counter() - t_start
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    table = results_table(results)
+    (out / "results.md").write_text(table + "\n")
+    plot_results(results, out / "results.png")
+    return results
+
+
+def results_table(results: Mapping[str, Any]) -> str:
+    """Markdown table: one row per method, overall and per-type F1."""
+    methods = results["methods"]
+    types = list(dict.fromkeys(t for r in methods.values() for t in r["by_type"]))
+    head = "| method | EM | F1 | has-answer | " + " | ".join(f"F1 {t}" for t in types) + " | n | seconds |"
+    sep = "|---|" + "---:|" * (3 + len(types) + 2)
+    rows = [head, sep]
+    for name, r in methods.items():
+        per = " | ".join(f"{r['by_type'][t]['f1']:.3f}" if t in r["by_type"] else "-" for t in types)
+        rows.append(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['has_answer']:.3f} | {per} | {r['n']} "
+                    f"| {r['seconds']:.0f} |")
+    return "\n".join(rows)
+
+
+def plot_results(results: Mapping[str, Any], path: pathlib.Path) -> None:
+    """Grouped bar chart of EM / F1 / has-answer per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    metrics = ("em", "f1", "has_answer")
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(names), 3.6))
+    width = 0.8 / len(metrics)
+    for i, m in enumerate(metrics):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax.bar(xs, [results["methods"][n][m] for n in names], width, label=m)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.set_title(f"{pathlib.Path(str(results['model'])).name} on {pathlib.Path(str(results['dataset'])).name}")
+    ax.legend(frameon=False, ncols=3, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
