@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     from jprag.model.generate import SamplingConfig, generate
     from jprag.train.recipe import assistant_text, user_prompt
 
-    warnings.filterwarnings("ignore", message=".*(config file|adapter_config).*")
+    for msg in (".*config file", ".*is_gradient_checkpointing", "Adapter merge was active"):  # expected, noisy
+        warnings.filterwarnings("ignore", message=msg)
     torch.set_num_threads(args.torch_threads)
     lm = chat.load(args.model)
     tok, stop_ids = lm.tokenizer, lm.stop_ids

@@ -95,6 +95,21 @@ def test_encode_writes_a_complete_bank(encoded):
     assert any((tmp / "cache" / "jax").iterdir()), "the persistent compilation cache stayed empty"
 
 
+def test_rerun_resumes_and_changed_arguments_are_refused(encoded):
+    """A finished bank: the same command is a no-op (no model load); other settings are refused."""
+    tmp, bank, _ = encoded
+    args = ["encode", "--documents", str(tmp / "docs.jsonl"), "--out", str(bank), "--chunk-size", "2"]
+    before = (bank / "index.json").read_text()
+    result = _jprag(tmp, *args, "--max-len", "256")
+    assert result.returncode == 0, result.stderr
+    assert "nothing to train" in result.stdout
+    result = _jprag(tmp, *args, "--max-len", "256", "--rank", "4")
+    assert result.returncode == 2 and "'lora'" in result.stderr and "Traceback" not in result.stderr
+    result = _jprag(tmp, *args)  # --max-len 512: other training samples
+    assert result.returncode == 2 and "'recipe'" in result.stderr
+    assert (bank / "index.json").read_text() == before
+
+
 def test_export_one_document_round_trips(encoded, model_cfg):
     from jprag.lora.peft import CONFIG_NAME, WEIGHTS_NAME, import_peft
     from jprag.lora.store import load_bank

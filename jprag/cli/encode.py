@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -70,16 +71,16 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> int:
-    """Before loading the model: an existing bank must come from the same documents and settings.
+def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Before loading the model: an existing bank must come from the same documents, model and
+    settings. Returns its index (None when there is no bank yet).
 
-    (`encode_documents` checks the model, shapes and chunk plan again once they are known.)
-    Returns how many documents the existing bank already holds (0 when there is none).
+    (`encode_documents` checks the shapes and the chunk plan again once they are known.)
     """
     from jprag.lora.store import INDEX, BankError, read_index
 
     if not (out / INDEX).is_file():
-        return 0
+        return None
     old = read_index(out)
     for field, value in expected.items():
         if old.get(field) != _json_roundtrip(value):
@@ -87,7 +88,14 @@ def _check_resume(out: pathlib.Path, expected: Mapping[str, Any]) -> int:
                 f"{out}/{INDEX}: field {field!r} differs from this run's; the directory holds another "
                 "encoding run (use a new --out directory, or --overwrite to replace it)"
             )
-    return sum(len(c["rows"]) for c in old["chunks"] if c.get("done"))
+    return old
+
+
+def _model_id(model: str | None) -> str:
+    """The model's id in the index: its resolved path (as `jprag.model.chat.load` resolves it)."""
+    from jprag.model.weights import default_model_path
+
+    return str(pathlib.Path(model).resolve()) if model is not None else str(default_model_path())
 
 
 def _tokenize(tokenizer, docs: Sequence, recipe, progress: bool) -> list:
@@ -107,7 +115,27 @@ def _size(n_bytes: int) -> str:
     raise AssertionError
 
 
+def _print_summary(index: Mapping[str, Any], out: pathlib.Path, n_new: int, seconds_this_run: float,
+                   wall: float) -> None:
+    chunks, n = index["chunks"], len(index["doc_ids"])
+    print(f"encoded {n} documents in {len(chunks)} chunk(s) of up to {len(chunks[0]['rows'])} into {out}")
+    if n_new:
+        resumed = f"; {n - n_new} were already encoded (resumed)" if n_new < n else ""
+        print(f"this run: {n_new} documents trained in {seconds_this_run:.1f} s including compilation "
+              f"({n_new / max(seconds_this_run, 1e-9):.2f} docs/s){resumed}")
+    else:
+        print("this run: nothing to train, every document was already encoded")
+    seconds = sum(c.get("seconds", 0.0) for c in chunks)
+    tokens = sum(c.get("tokens", 0) for c in chunks)
+    if seconds > 0:
+        print(f"all chunks: {seconds:.1f} s of training, {n / seconds:.2f} docs/s, {tokens / seconds:.0f} tokens/s; "
+              f"wall time of this run {wall:.1f} s")
+    n_params = sum(math.prod(shape) for ab in index["shapes"].values() for shape in ab.values())
+    print(f"adapter per document: {n_params:,} parameters = {_size(4 * n_params)} fp32 / {_size(2 * n_params)} bf16")
+
+
 def run_encode(args: argparse.Namespace) -> int:
+    t_start = time.perf_counter()
     docs, source = _read_documents(args)
     from jprag.lora.adapters import ALL_TARGETS, LoraConfig
     from jprag.lora.store import lora_to_json
@@ -122,18 +150,21 @@ def run_encode(args: argparse.Namespace) -> int:
     train = TrainConfig(learning_rate=args.lr, epochs=args.epochs)
     recipe = RecipeConfig(cot=args.cot, answer_only_loss=args.answer_only_loss, max_len=args.max_len)
     doc_ids = [d.id for d in docs]
+    model_id = _model_id(args.model)
     out = pathlib.Path(args.out)
     _prepare_out_dir(out, args.overwrite)
-    n_before = _check_resume(out, {
-        "doc_ids": doc_ids, "lora": lora_to_json(lora),
-        "train": dataclasses.asdict(train), "seed": args.seed, "recipe": dataclasses.asdict(recipe),
+    old = _check_resume(out, {
+        "doc_ids": doc_ids, "model": model_id, "lora": lora_to_json(lora), "train": dataclasses.asdict(train),
+        "seed": args.seed, "recipe": dataclasses.asdict(recipe),
     })
+    if old is not None and all(c.get("done") for c in old["chunks"]):
+        _print_summary(old, out, 0, 0.0, time.perf_counter() - t_start)  # complete: no model needed
+        return 0
+    n_before = 0 if old is None else sum(len(c["rows"]) for c in old["chunks"] if c.get("done"))
 
-    t_start = time.perf_counter()
     from jprag.cli.main import enable_compilation_cache
 
     enable_compilation_cache()
-    from jprag.lora.store import bytes_per_document
     from jprag.mesh import make_mesh
     from jprag.model.chat import load
     from jprag.train.encoder import encode_documents
@@ -141,32 +172,21 @@ def run_encode(args: argparse.Namespace) -> int:
     mesh = make_mesh(args.mesh_data, args.mesh_model)
     lm = load(args.model)
     per_doc = _tokenize(lm.tokenizer, docs, recipe, progress=True)
+    n_samples = sum(len(e) for e in per_doc)
     n_truncated = sum(1 for ex in per_doc for e in ex if e.truncated)
+    print(f"{len(docs)} documents, {n_samples} training samples ({n_truncated} with shortened knowledge "
+          f"text, max_len {recipe.max_len}); mesh data={mesh.shape['data']} x model={mesh.shape['model']}",
+          flush=True)
     t_train = time.perf_counter()
     index = encode_documents(
         lm.cfg, lm.params, per_doc, doc_ids, out,
         lora=lora, train=train, chunk_size=args.chunk_size, mesh=mesh, seed=args.seed,
-        pad_id=int(lm.tokenizer.pad_token_id or 0), model_id=os.path.abspath(lm.path),
+        pad_id=int(lm.tokenizer.pad_token_id or 0), model_id=model_id,
         extra_index={"recipe": dataclasses.asdict(recipe), "source": source, "model_family": lm.cfg.family},
         progress=True,
     )
     t_end = time.perf_counter()
-
-    chunks = index["chunks"]
-    n, n_new = len(doc_ids), len(doc_ids) - n_before
-    seconds = sum(c.get("seconds", 0.0) for c in chunks)
-    tokens = sum(c.get("tokens", 0) for c in chunks)
-    print(f"encoded {n} documents in {len(chunks)} chunk(s) of up to {len(chunks[0]['rows'])} into {out}")
-    print(f"samples: {sum(len(e) for e in per_doc)} ({n_truncated} with shortened knowledge text, "
-          f"max_len {recipe.max_len}); mesh data={mesh.shape['data']} x model={mesh.shape['model']}")
-    resumed = f"; {n_before} were already encoded (resumed)" if n_before else ""
-    print(f"this run: {n_new} documents trained in {t_end - t_train:.1f} s including compilation "
-          f"({n_new / max(t_end - t_train, 1e-9):.2f} docs/s){resumed}; wall time {t_end - t_start:.1f} s")
-    if seconds > 0:
-        print(f"all chunks: {seconds:.1f} s of training, {n / seconds:.2f} docs/s, {tokens / seconds:.0f} tokens/s")
-    per_doc_params = lora.num_params(lm.cfg)
-    print(f"adapter per document: {per_doc_params:,} parameters = "
-          f"{_size(bytes_per_document(lora, lm.cfg, 4))} fp32 / {_size(bytes_per_document(lora, lm.cfg, 2))} bf16")
+    _print_summary(index, out, len(doc_ids) - n_before, t_end - t_train, t_end - t_start)
     return 0
 
 
@@ -222,7 +242,7 @@ def run_export_peft(args: argparse.Namespace) -> int:
         if d in seen:
             raise ValueError(f"--doc {d!r} is given twice")
         seen.add(d)
-    read_index(root)  # a clean BankError before JAX is imported
+    read_index(root)  # a clean BankError before anything else is loaded
 
     from jprag.cli.main import enable_compilation_cache
 

@@ -21,8 +21,6 @@ from typing import Callable, Sequence
 from jprag import __version__
 
 PROG = "jprag"
-DEMO_PROMPT = "What is parametric retrieval-augmented generation? Answer in one sentence."
-DEMO_BANNER = "jprag demo: the end-to-end pipeline lands with the corpus-to-answers issue"
 
 # Errors that mean "the user asked for something that cannot be done", not a bug in jprag.
 USER_ERRORS = (ValueError, FileNotFoundError)
@@ -188,16 +186,75 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from jprag.cli.run import add_pipeline_arguments
+
     _add_model_argument(parser)
-    _add_sampling_arguments(parser)
+    add_pipeline_arguments(parser, demo=True)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    print(DEMO_BANNER, flush=True)
-    answer = _generate_one(DEMO_PROMPT, args)
-    print(f"Q: {DEMO_PROMPT}")
-    print(f"A: {answer}")
-    return 0
+    _check_model_path(args.model)
+    from jprag.cli.run import run_demo
+
+    return run_demo(args)
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from jprag.cli.run import add_pipeline_arguments
+
+    _add_model_argument(parser)
+    add_pipeline_arguments(parser)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    _check_model_path(args.model)
+    from jprag.cli.run import run_eval
+
+    return run_eval(args)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from jprag.cli.run import add_pipeline_arguments
+
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="a TOML or JSON RunConfig (see experiments/*.toml); flags override it")
+    _add_model_argument(parser)
+    add_pipeline_arguments(parser, demo=True)
+    parser.set_defaults(out=None)
+
+
+def _run_run(args: argparse.Namespace) -> int:
+    from jprag.cli.run import run_config
+
+    return run_config(args)
+
+
+def _add_index_arguments(parser: argparse.ArgumentParser) -> None:
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument("--documents", metavar="FILE.jsonl", help="jprag documents (default: the bundled sample)")
+    src.add_argument("--prag-dir", metavar="DIR", help="the published PRAG files")
+    parser.add_argument("--kind", choices=("bm25", "dense"), default="bm25")
+    parser.add_argument("--out", required=True, metavar="DIR")
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from jprag.cli.run import run_index
+
+    return run_index(args)
+
+
+def _add_augment_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passages", required=True, metavar="FILE.jsonl", help='lines of {"id", "passage"}')
+    parser.add_argument("--out", required=True, metavar="DIR")
+    parser.add_argument("--batch-size", type=_positive_int, default=16)
+    _add_model_argument(parser)
+
+
+def _run_augment(args: argparse.Namespace) -> int:
+    _check_model_path(args.model)
+    from jprag.cli.run import run_augment
+
+    return run_augment(args)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -267,7 +324,13 @@ def _run_export_peft(args: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("generate", "chat-generate an answer to one prompt with the base model",
             _add_generate_arguments, _run_generate),
-    Command("demo", "run the end-to-end demo", _add_demo_arguments, _run_demo),
+    Command("demo", "the end-to-end demo: four methods on the bundled invented-entity sample",
+            _add_demo_arguments, _run_demo),
+    Command("eval", "answer a question set with each method and score it", _add_eval_arguments, _run_eval),
+    Command("run", "run the pipeline from a config file", _add_run_arguments, _run_run),
+    Command("index", "build and save a retrieval index (bm25 or dense)", _add_index_arguments, _run_index),
+    Command("augment", "rewrite + generate QA pairs for passages with the model itself (cached)",
+            _add_augment_arguments, _run_augment),
     Command("encode", "train one LoRA adapter per document into an adapter bank (resumable)",
             _add_encode_arguments, _run_encode),
     Command("export-peft", "write one document's adapter, or the merge of several, as a PEFT LoRA directory",
