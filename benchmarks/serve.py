@@ -4,7 +4,7 @@
 /work/shared/data), each answered with the adapters of its 3 retrieved passages merged (PRAG's
 sum of deltas), greedy, up to `--max-new-tokens` tokens, stop tokens enabled on both sides. The
 prompt is the reference's inference prompt: the question in the chat template (no passages)
-followed by the assistant prefix "The answer is ".
+followed by the reference's assistant prefix "The answer is " (trailing space included).
 
 The adapters are random but non-zero (PEFT's init for A, B ~ N(0, 1e-3²), about the size 5
 AdamW steps at lr 3e-4 reach), rank 2, alpha 32, FFN targets: this measures throughput only.
@@ -80,7 +80,8 @@ def main(argv=None) -> dict:
     from jprag.lora.peft import export_peft
     from jprag.model import chat
     from jprag.model.generate import SamplingConfig, generate
-    from jprag.train.recipe import assistant_text, user_prompt
+    from jprag.eval.prompts import REFERENCE_ASSISTANT_PREFIX
+    from jprag.train.recipe import user_prompt
 
     for msg in (".*config file", ".*is_gradient_checkpointing", "Adapter merge was active"):  # expected, noisy
         warnings.filterwarnings("ignore", message=msg)
@@ -101,8 +102,8 @@ def main(argv=None) -> dict:
     doc_ids = sorted({d for q in questions for d in q.doc_ids})
     row_of = {d: i for i, d in enumerate(doc_ids)}
     rows_qk = jnp.asarray([[row_of[d] for d in q.doc_ids] for q in questions], jnp.int32)
-    prefix = tok(assistant_text(None), add_special_tokens=False)["input_ids"]
-    prompts = [lm.chat_tokens(user_prompt(q.question)) + list(prefix) for q in questions]
+    prompts = [lm.chat_tokens(user_prompt(q.question), assistant_prefix=REFERENCE_ASSISTANT_PREFIX)
+               for q in questions]
 
     lora = LoraConfig(rank=2, alpha=32.0, targets=FFN_TARGETS)
     bank = init_bank(lm.cfg, lora, jax.random.key(0), len(doc_ids))
@@ -182,7 +183,8 @@ def main(argv=None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "cpu_count": os.cpu_count(),
         "torch_threads": args.torch_threads,
-        "adapters": "random non-zero (A: PEFT init, B ~ N(0, 1e-3^2)), rank 2, alpha 32, gate/up/down; same on both sides",
+        "adapters": "random non-zero (A: PEFT init, B ~ N(0, 1e-3^2)), rank 2, alpha 32, gate/up/down; "
+                    "the same on both sides",
         "timing": f"best of {args.repeats} pass(es) over all questions after warm-up (jprag: one compiling call; "
                   "peft: one question)",
         "jprag_questions_per_s": n / jprag_s,
