@@ -76,11 +76,11 @@ def main(argv=None) -> dict:
     import transformers
 
     from jprag.data.documents import DEFAULT_PRAG_FILES, read_prag_dir
+    from jprag.eval.prompts import REFERENCE_ASSISTANT_PREFIX
     from jprag.lora.adapters import FFN_TARGETS, LoraConfig, init_bank, merge_topk
     from jprag.lora.peft import export_peft
     from jprag.model import chat
     from jprag.model.generate import SamplingConfig, generate
-    from jprag.eval.prompts import REFERENCE_ASSISTANT_PREFIX
     from jprag.train.recipe import user_prompt
 
     for msg in (".*config file", ".*is_gradient_checkpointing", "Adapter merge was active"):  # expected, noisy
