@@ -10,7 +10,7 @@ import pytest
 
 from hf_fixtures import tiny_hf_config
 from jprag.model.config import ModelConfig
-from jprag.model.generate import SamplingConfig, bucket, generate, generate_tokens, sample_logits
+from jprag.model.generate import SamplingConfig, bucket, bucket_length, generate, generate_tokens, sample_logits
 from jprag.model.transformer import init_params
 
 PROMPT_LENGTHS = (3, 11, 20)  # two prompt-length buckets (16, 32)
@@ -222,6 +222,7 @@ def test_bucketing_limits_compilations(model):
 def test_bucket():
     assert [bucket(n, minimum=1) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     assert [bucket(n, minimum=16) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+    assert [bucket_length(n) for n in (5, 100, 256, 257, 520, 640)] == [16, 128, 256, 384, 640, 640]
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -125,3 +125,18 @@ def test_chunked_loss_equals_full_loss_and_gradient():
     chunked = lambda h: chunked_lm_loss(CFG, params, h, tokens, mask, chunk=16)  # 108 targets: ragged last chunk  # noqa: E731
     np.testing.assert_allclose(chunked(hidden), full(hidden), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(chunked)(hidden), jax.grad(full)(hidden), atol=1e-8)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_lora_delta_custom_gradient_matches_autodiff(shared):
+    from jprag.model.transformer import _lora_h, _lora_out, lora_delta
+
+    k = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k[0], (3, 7, 5))
+    a = jax.random.normal(k[1], (5, 2) if shared else (3, 5, 2))
+    b = jax.random.normal(k[2], (2, 4) if shared else (3, 2, 4))
+    dy = jax.random.normal(k[3], (3, 7, 4))
+    plain = lambda x, a, b: _lora_out(_lora_h(x, a), b)  # noqa: E731
+    np.testing.assert_allclose(lora_delta(x, a, b), plain(x, a, b), rtol=1e-6)
+    for got, want in zip(jax.vjp(lora_delta, x, a, b)[1](dy), jax.vjp(plain, x, a, b)[1](dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -48,6 +48,12 @@ class SamplingConfig:
         return (self.greedy, 0 if self.greedy else self.top_k, (not self.greedy) and self.top_p < 1.0)
 
 
+def bucket_length(n: int) -> int:
+    """Prompt-length bucket: powers of two up to 256, then multiples of 128 (so a 520-token
+    RAG prompt pads to 640, not 1024: prefill cost grows with the padded length)."""
+    return bucket(n, minimum=16) if n <= 256 else -(-n // 128) * 128
+
+
 def bucket(n: int, minimum: int = 8) -> int:
     """Round up to a power of two (>= minimum): the compile-cache key for a dimension."""
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
@@ -172,7 +178,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     n = len(prompts)
     B = bucket(n, minimum=1)
-    P = bucket(max(len(p) for p in prompts), minimum=16)
+    P = bucket_length(max(len(p) for p in prompts))
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_position:  # positions are per row: bucket padding does not count
         raise ValueError(

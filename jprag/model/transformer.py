@@ -90,13 +90,53 @@ def project(x_bsi: Array, w_io: Array, lora: tuple[Array, Array] | None, bias_o:
         y_bso = y_bso + bias_o.astype(y_bso.dtype)
     if lora is not None:
         a, b = lora
-        if a.ndim == 2:  # [in, r], [r, out]: one adapter for every row
-            h_bsr = jnp.einsum("bsi,ir->bsr", x_bsi, a.astype(x_bsi.dtype))
-            y_bso = y_bso + jnp.einsum("bsr,ro->bso", h_bsr, b.astype(x_bsi.dtype))
-        else:  # [batch, in, r], [batch, r, out]: per-row adapters
-            h_bsr = jnp.einsum("bsi,bir->bsr", x_bsi, a.astype(x_bsi.dtype))
-            y_bso = y_bso + jnp.einsum("bsr,bro->bso", h_bsr, b.astype(x_bsi.dtype))
+        y_bso = y_bso + lora_delta(x_bsi, a.astype(x_bsi.dtype), b.astype(x_bsi.dtype))
     return y_bso
+
+
+def _lora_h(x_bsi: Array, a: Array) -> Array:
+    if a.ndim == 2:  # [in, r]: one adapter for every row
+        return jnp.einsum("bsi,ir->bsr", x_bsi, a)
+    return jnp.einsum("bsi,bir->bsr", x_bsi, a)  # [batch, in, r]: per-row adapters
+
+
+def _lora_out(h_bsr: Array, b: Array) -> Array:
+    if b.ndim == 2:
+        return jnp.einsum("bsr,ro->bso", h_bsr, b)
+    return jnp.einsum("bsr,bro->bso", h_bsr, b)
+
+
+@jax.custom_vjp
+def lora_delta(x_bsi: Array, a: Array, b: Array) -> Array:
+    """`(x @ a) @ b` with `a [in, r]`, `b [r, out]` shared or `[batch, ...]` per row.
+
+    The custom backward pass computes the factor gradients `Σ_s h_sr dy_so` and `Σ_s x_si dh_sr`
+    as r multiply-reduce passes instead of dots that contract the sequence axis: for the small
+    ranks LoRA uses, XLA:CPU otherwise transposes whole `[batch, seq, d_ff]` activations (fused
+    with the activation's backward) into a sequence-minor layout for those dots, which cost more
+    than the rest of the adapter's backward pass together.
+    """
+    return _lora_out(_lora_h(x_bsi, a), b)
+
+
+def _lora_delta_fwd(x_bsi, a, b):
+    h_bsr = _lora_h(x_bsi, a)
+    return _lora_out(h_bsr, b), (x_bsi, h_bsr, a, b)
+
+
+def _lora_delta_bwd(res, dy_bso):
+    x_bsi, h_bsr, a, b = res
+    shared = a.ndim == 2
+    dh_bsr = jnp.einsum("bso,ro->bsr", dy_bso, b) if shared else jnp.einsum("bso,bro->bsr", dy_bso, b)
+    dx_bsi = jnp.einsum("bsr,ir->bsi", dh_bsr, a) if shared else jnp.einsum("bsr,bir->bsi", dh_bsr, a)
+    axes = (0, 1) if shared else (1,)
+    r = h_bsr.shape[-1]
+    db = jnp.stack([jnp.sum(h_bsr[..., k, None] * dy_bso, axis=axes) for k in range(r)], axis=-2)
+    da = jnp.stack([jnp.sum(dh_bsr[..., k, None] * x_bsi, axis=axes) for k in range(r)], axis=-1)
+    return dx_bsi, da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def attention_mask(q_pos_bt: Array, k_pos_bs: Array, window: int | None) -> Array:
@@ -139,9 +179,13 @@ class Block(nn.Module):
         v = project(h, p["v"], lora.get("v"), p.get("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-        sliding = layer["is_sliding"]
-        cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"])
-        sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"])
+        if "sliding" in cfg.layer_types:  # per-layer choice between local and global attention
+            sliding = layer["is_sliding"]
+            cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"])
+            sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"])
+            mask = jnp.where(sliding, ctx["mask_local"], ctx["mask"])  # [b, 1, 1, t, s]
+        else:  # static: no per-layer select, so nothing loop-invariant is stacked per layer
+            cos, sin, mask = ctx["cos"], ctx["sin"], ctx["mask"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         cache = layer["cache"]
@@ -153,7 +197,6 @@ class Block(nn.Module):
         else:
             k_all, v_all, new_cache = k, v, None
 
-        mask = jnp.where(sliding, ctx["mask_local"], ctx["mask"])  # [b, 1, 1, t, s]
         G = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim)  # GQA: group queries, never repeat K/V
         scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
@@ -209,17 +252,16 @@ class Transformer(nn.Module):
         else:
             k_pos = positions_bt
         cos, sin = rope_tables(cfg.rope.inv_freq(cfg.head_dim), positions_bt)
-        local_rope = cfg.rope_local or cfg.rope
-        cos_l, sin_l = rope_tables(local_rope.inv_freq(cfg.head_dim), positions_bt)
         ctx = {
             "cos": cos,
             "sin": sin,
-            "cos_local": cos_l,
-            "sin_local": sin_l,
             "mask": attention_mask(positions_bt, k_pos, None),
-            "mask_local": attention_mask(positions_bt, k_pos, cfg.sliding_window),
             "cache_index": None if cache is None else cache.index,
         }
+        if "sliding" in cfg.layer_types:
+            local_rope = cfg.rope_local or cfg.rope
+            ctx["cos_local"], ctx["sin_local"] = rope_tables(local_rope.inv_freq(cfg.head_dim), positions_bt)
+            ctx["mask_local"] = attention_mask(positions_bt, k_pos, cfg.sliding_window)
         layer_inputs = {
             "is_sliding": jnp.asarray(cfg.is_sliding),
             # per-layer slices: move the layer axis to the front for the scan
@@ -314,5 +356,6 @@ __all__ = [
     "rms_norm",
     "apply_rope",
     "project",
+    "lora_delta",
     "attention_mask",
 ]
