@@ -56,7 +56,7 @@ class BankSource:
     def adapters(self, doc_ids_qk):
         missing = sorted({d for ids in doc_ids_qk for d in ids if d not in self.doc_rows})
         if missing:
-            raise KeyError(f"{len(missing)} retrieved documents have no adapter in the bank (first: {missing[0]!r})")
+            raise ValueError(f"{len(missing)} retrieved documents have no adapter in the bank (first: {missing[0]!r})")
         rows = jnp.asarray([[self.doc_rows[d] for d in ids] for ids in doc_ids_qk], jnp.int32)
         return merge_topk(self.bank, rows, self.lora.scale, self.mode)
 
