@@ -53,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 from jprag.data.documents import QA, Document, read_documents_jsonl
+from jprag.io import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -446,16 +447,6 @@ def _meta_differences(old: Any, new: dict) -> list[str]:
     return diffs
 
 
-def _write_json_atomic(path: pathlib.Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _drop_partial_line(path: pathlib.Path) -> None:
     """Truncate a crash's partial last line (no trailing newline) off the cache file."""
     with open(path, "rb+") as f:
@@ -493,7 +484,7 @@ def _open_cache(cache_dir: pathlib.Path, meta: dict, overwrite: bool) -> dict[st
             "pass overwrite=True to discard it"
         )
     else:
-        _write_json_atomic(meta_path, meta)
+        write_json_atomic(meta_path, meta, end="\n", ensure_ascii=False, indent=2)
     if not cache.exists():
         return {}
     _drop_partial_line(cache)

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jprag.io import write_json_atomic
 from jprag.lora.adapters import Bank, LoraConfig
 
 FORMAT = "jprag-adapter-bank/1"
@@ -36,9 +37,7 @@ class BankError(ValueError):
 def write_index(root: pathlib.Path, index: Mapping[str, Any]) -> None:
     """Atomically (re)write `index.json`."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
-    os.replace(tmp, root / INDEX)
+    write_json_atomic(root / INDEX, index, indent=1, sort_keys=True)
 
 
 def read_index(root: str | os.PathLike) -> dict[str, Any]:

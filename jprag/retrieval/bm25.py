@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jprag.io import write_json_atomic
+
 BM25_FORMAT_VERSION = 1
 IDS_FILE = "bm25_ids.json"
 _STOPWORDS = "en"
@@ -143,9 +145,7 @@ class BM25Index:
             "stem": self.stem,
             "ids": self.ids,
         }
-        tmp = directory / (IDS_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, directory / IDS_FILE)
+        write_json_atomic(directory / IDS_FILE, meta, ensure_ascii=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "BM25Index":

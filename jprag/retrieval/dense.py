@@ -25,6 +25,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from jprag.io import write_json_atomic
 from jprag.retrieval.bm25 import check_ids, clip_k
 
 DENSE_FORMAT_VERSION = 1
@@ -106,9 +107,7 @@ class DenseIndex:
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self._index, str(directory / FAISS_FILE))
         meta = {"format_version": DENSE_FORMAT_VERSION, "dim": self.dim, "ids": self.ids}
-        tmp = directory / (IDS_FILE + ".tmp")
-        tmp.write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, directory / IDS_FILE)
+        write_json_atomic(directory / IDS_FILE, meta, ensure_ascii=False)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "DenseIndex":

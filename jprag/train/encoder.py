@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import pathlib
 import time
 from typing import Any, Mapping, Sequence
 
@@ -18,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
-
-import pathlib
 
 from jprag.lora.adapters import LoraConfig, init_bank
 from jprag.lora.store import FORMAT, BankError, lora_to_json, read_index, save_chunk, write_index
