@@ -27,6 +27,8 @@ from jprag.data.documents import Document, Question
 from jprag.eval.methods import METHODS, BankSource, EvalContext, GenConfig, answer
 from jprag.eval.metrics import exact_match, f1, has_answer, score
 from jprag.lora.adapters import LoraConfig
+from jprag.poly.config import PolyConfig
+from jprag.translator.config import TranslatorConfig
 from jprag.train.recipe import RecipeConfig
 from jprag.train.stacked import TrainConfig
 
@@ -47,10 +49,15 @@ class RunConfig:
     mesh_data: int = -1
     mesh_model: int = 1
     seed: int = 0
+    # prag: questions limit_per_file … +heldout_per_file of each file supply held-out documents
+    # (never evaluated) for methods that learn something shared first (DyPRAG, Poly-z).
+    heldout_per_file: int = 10
     lora: LoraConfig = LoraConfig()
     train: TrainConfig = TrainConfig()
     recipe: RecipeConfig = RecipeConfig()
     gen: GenConfig = GenConfig()
+    poly: PolyConfig = PolyConfig()
+    translator: TranslatorConfig = TranslatorConfig()
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -63,7 +70,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "config") -> "RunConfig":
-        sections = {"lora": LoraConfig, "train": TrainConfig, "recipe": RecipeConfig, "gen": GenConfig}
+        sections = {"lora": LoraConfig, "train": TrainConfig, "recipe": RecipeConfig, "gen": GenConfig,
+                    "poly": PolyConfig, "translator": TranslatorConfig}
         fields = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
         for key, value in d.items():
@@ -137,6 +145,74 @@ def retrieve(cfg: RunConfig, questions, docs, given: bool, out: pathlib.Path) ->
     return {q.id: h for q, h in zip(questions, hits)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceRequest:
+    """What an adapter-source builder gets: the run, the model, and the documents to cover.
+
+    `docs` are the documents the evaluation questions retrieved (every one needs an adapter);
+    `heldout` are documents of *other* questions (never evaluated), for methods that learn
+    something shared first (the DyPRAG translator, the Poly-z inventory). `out` is the source's
+    own cache directory under `out_dir`; `sources` are the sources built so far in this run.
+    """
+
+    cfg: RunConfig
+    lm: Any  # jprag.model.chat.LoadedModel
+    docs: Sequence[Document]
+    heldout: Sequence[Document]
+    out: pathlib.Path
+    sources: Mapping[str, Any]
+    progress: bool = True
+
+
+def heldout_documents(cfg: RunConfig, eval_docs: Sequence[Document], n_per_file: int) -> list[Document]:
+    """Documents of questions that are not evaluated in this run, disjoint from `eval_docs`.
+
+    prag: the retrieved documents of questions ``limit_per_file … limit_per_file + n_per_file``
+    of each file. sample: the sample has no spare questions, so nothing (builders fall back to
+    their own split and say so).
+    """
+    if cfg.dataset != "prag" or n_per_file <= 0:
+        return []
+    from jprag.data.documents import read_prag_dir
+
+    start = cfg.limit_per_file or 0
+    questions, docs = read_prag_dir(cfg.data_dir, limit_per_file=start + n_per_file)
+    taken = {d.id for d in eval_docs}
+    by_id = {d.id: d for d in docs}
+    per_file: dict[str, int] = {}
+    wanted: dict[str, None] = {}
+    for q in questions:  # questions come file by file, in file order
+        f = q.id.rsplit("/", 1)[0]
+        per_file[f] = per_file.get(f, 0) + 1
+        if per_file[f] > start:
+            wanted.update(dict.fromkeys(q.doc_ids))
+    return [by_id[d] for d in wanted if d in by_id and d not in taken and by_id[d].qa]
+
+
+def build_prag_source(req: SourceRequest) -> BankSource:
+    """PRAG: train (or resume) one LoRA per document (`out/bank`)."""
+    return encode_bank(req.cfg, req.lm, req.docs, req.out.parent)
+
+
+# Adapter source name (a `Method.source`) → its builder, as "module:function" so that a run
+# imports only what it uses. Builders take a `SourceRequest` and return an `AdapterSource`.
+SOURCE_BUILDERS: dict[str, str] = {
+    "prag": "jprag.pipeline:build_prag_source",
+    "poly": "jprag.poly.pipeline:build_poly_source",
+    "poly-z": "jprag.poly.pipeline:build_poly_z_source",
+    "dyprag": "jprag.translator.pipeline:build_dyprag_source",
+}
+
+
+def _builder(name: str):
+    import importlib
+
+    if name not in SOURCE_BUILDERS:
+        raise ValueError(f"no builder for adapter source {name!r} (known: {sorted(SOURCE_BUILDERS)})")
+    module, attr = SOURCE_BUILDERS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def encode_bank(cfg: RunConfig, lm, docs: Sequence[Document], out: pathlib.Path) -> BankSource:
     """Train (or resume) the PRAG bank for `docs` and wrap it as the "prag" adapter source."""
     import jax.numpy as jnp
@@ -177,11 +253,16 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     ctx = EvalContext(lm, by_id, retrieved, cfg.gen)
 
     timings: dict[str, float] = {}
-    if any(METHODS[m].source == "prag" for m in cfg.methods):
+    needed = [by_id[d] for d in sorted({d for q in questions for d in retrieved[q.id][: cfg.gen.top_k]})]
+    needed = [d for d in needed if d.qa]
+    heldout: list[Document] | None = None
+    for name in dict.fromkeys(METHODS[m].source for m in cfg.methods if METHODS[m].source):
+        if heldout is None:
+            heldout = heldout_documents(cfg, needed, cfg.heldout_per_file)
         t0 = time.perf_counter()
-        needed = sorted({d for q in questions for d in retrieved[q.id][: cfg.gen.top_k]})
-        ctx.sources["prag"] = encode_bank(cfg, lm, [by_id[d] for d in needed], out)
-        timings["encode"] = time.perf_counter() - t0
+        req = SourceRequest(cfg, lm, needed, heldout, out / name, dict(ctx.sources), progress)
+        ctx.sources[name] = _builder(name)(req)
+        timings["encode" if name == "prag" else f"build {name}"] = time.perf_counter() - t0
 
     results = {"model": lm.path, "dataset": cfg.dataset if cfg.dataset == "sample" else str(cfg.data_dir),
                "n_questions": len(questions), "n_documents": len(docs), "methods": {}, "timings": timings}

@@ -74,6 +74,14 @@ METHODS: dict[str, Method] = {
     "rag": Method("rag", passages=True),
     "prag": Method("prag", passages=False, source="prag"),
     "prag-combine": Method("prag-combine", passages=True, source="prag"),
+    # Poly-PRAG: routing over a jointly trained inventory (jprag.poly); Poly-z: new documents
+    # route against an inventory trained on held-out documents. DyPRAG: translated LoRAs.
+    "poly-prag": Method("poly-prag", passages=False, source="poly"),
+    "poly-prag-combine": Method("poly-prag-combine", passages=True, source="poly"),
+    "poly-z-prag": Method("poly-z-prag", passages=False, source="poly-z"),
+    "poly-z-prag-combine": Method("poly-z-prag-combine", passages=True, source="poly-z"),
+    "dyprag": Method("dyprag", passages=False, source="dyprag"),
+    "dyprag-combine": Method("dyprag-combine", passages=True, source="dyprag"),
 }
 
 

@@ -1,0 +1,1 @@
+"""DyPRAG: a hypernetwork (parameter translator) from document embeddings to LoRAs."""
