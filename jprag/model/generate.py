@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jprag.model.config import ModelConfig
-from jprag.model.transformer import KVCache, forward, positions_from_mask
+from jprag.model.transformer import KVCache, forward, positions_from_mask, unstack_layers
 
 Array = jax.Array
 
@@ -59,6 +59,19 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
+def argmax_first(logits_bv: Array) -> Array:
+    """`argmax` over the last axis (first index among ties) as two plain reductions.
+
+    Same result as `jnp.argmax` for finite logits; XLA:CPU runs argmax's variadic (value,
+    index) reduce element by element, which over a 49k vocabulary costs more per decode step
+    than a layer's matmuls.
+    """
+    vocab = logits_bv.shape[-1]
+    top_b1 = jnp.max(logits_bv, axis=-1, keepdims=True)
+    idx_bv = jax.lax.broadcasted_iota(jnp.int32, logits_bv.shape, logits_bv.ndim - 1)
+    return jnp.min(jnp.where(logits_bv == top_b1, idx_bv, vocab), axis=-1).astype(jnp.int32)
+
+
 def sample_logits(logits_bv: Array, key: Array, mode: tuple[bool, int, bool], temperature: Array, top_p: Array) -> Array:
     """Next token per row [b] from float32 logits [b, vocab].
 
@@ -67,7 +80,7 @@ def sample_logits(logits_bv: Array, key: Array, mode: tuple[bool, int, bool], te
     """
     greedy, top_k, use_top_p = mode
     if greedy:
-        return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+        return argmax_first(logits_bv)
     logits_bv = logits_bv / temperature
     neg = jnp.finfo(logits_bv.dtype).min
     if top_k:
@@ -110,7 +123,8 @@ def generate_tokens(
     B, P = tokens_bp.shape
     positions_bp = positions_from_mask(mask_bp)
     lengths_b = jnp.sum(mask_bp, axis=-1).astype(jnp.int32)
-    cache = KVCache.init(cfg, B, P + max_new)
+    # unstacked layers (see `decode_params`) get a per-layer cache, updated in place
+    cache = KVCache.init(cfg, B, P + max_new, per_layer=isinstance(params["layers"], (tuple, list)))
     logits, cache = forward(cfg, params, tokens_bp, positions_bp, cache, adapters, output="last")
     key, sub = jax.random.split(key)
     temperature = jnp.asarray(temperature, jnp.float32)
@@ -139,6 +153,26 @@ def generate_tokens(
 
     _, _, _, out, _, _ = jax.lax.while_loop(cond, body, state)
     return out, jnp.sum(out >= 0, axis=-1)
+
+
+_DECODE_PARAMS: list[tuple[Any, dict]] = []  # [(stacked params, their unstacked copy)], newest last
+
+
+def decode_params(params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The layout decode runs fastest with: layers unstacked (`unstack_layers`).
+
+    The unstacked copy of the most recently used parameter trees is kept (keyed by identity,
+    two entries), so repeated `generate` calls with the same params pay the copy once.
+    """
+    if isinstance(params["layers"], (tuple, list)):
+        return params
+    for src, flat in _DECODE_PARAMS:
+        if src is params:
+            return flat
+    flat = unstack_layers(params)
+    _DECODE_PARAMS.append((params, flat))
+    del _DECODE_PARAMS[:-2]
+    return flat
 
 
 def _pad_adapters(adapters, batch: int):
@@ -197,7 +231,7 @@ def generate(
     stop_arr[: len(stops)] = stops
     out, _ = generate_tokens(
         cfg,
-        params,
+        decode_params(params),
         jnp.asarray(tokens),
         jnp.asarray(mask),
         jnp.asarray(stop_arr),

@@ -5,6 +5,14 @@ cache=..., adapters=...)` is a pure function of its arguments. Layers are one `B
 with `nn.scan` over the stacked `[layers, ...]` parameters, so compile time does not grow with
 depth.
 
+`forward` also accepts *unstacked* layers (`unstack_layers(params)`: `params["layers"]` a tuple
+of per-layer dicts, one buffer per weight); the layer loop is then unrolled in Python. Decode
+wants this: inside a scan XLA:CPU copies every layer's weight matrices out of the stacked
+arrays on every iteration (a `dynamic-slice` per weight and step), which for one token per row
+costs as much as the matmuls themselves, and a stacked KV cache carried through the scan is
+rewritten every step. With separate buffers the weights are read in place and each layer's
+cache (`KVCache.init(..., per_layer=True)`) is updated in place in the decode loop's carry.
+
 Conventions
 - `positions [batch, seq]` are the RoPE positions; a position < 0 marks a padding slot. Masks
   are built from positions, not indices, so left- and right-padded rows, prefill and cached
@@ -35,7 +43,10 @@ Adapters = Mapping[str, tuple[Array, Array]]
 class KVCache(NamedTuple):
     """Keys/values of every layer plus the RoPE position held in each slot (-1 = empty).
 
-    k, v  [layers, batch, slots, kv_heads, head_dim]
+    k, v  [layers, batch, kv_heads, slots, head_dim], or (per_layer) a tuple of `layers`
+          arrays [batch, kv_heads, slots, head_dim] for unstacked layers. Slots are the
+          second-minor axis, the layout both attention dots read without a transpose (decode
+          would otherwise re-layout the whole cache of every layer at every step).
     pos   [batch, slots] int32
     index []  int32: the next slot to write (all rows write the same slot; rows are
           left-padded so their prompts end together).
@@ -47,12 +58,17 @@ class KVCache(NamedTuple):
     index: Array
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = dtype or cfg.dtype
-        shape = (cfg.n_layers, batch, slots, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
+        if per_layer:
+            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        else:
+            k = v = jnp.zeros((cfg.n_layers, *shape), dtype)
         return cls(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=k,
+            v=v,
             pos=jnp.full((batch, slots), -1, jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
@@ -179,8 +195,11 @@ class Block(nn.Module):
         v = project(h, p["v"], lora.get("v"), p.get("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-        if "sliding" in cfg.layer_types:  # per-layer choice between local and global attention
-            sliding = layer["is_sliding"]
+        sliding = layer["is_sliding"]
+        if isinstance(sliding, bool):  # unrolled layers: a static choice
+            local = "_local" if sliding else ""
+            cos, sin, mask = ctx["cos" + local], ctx["sin" + local], ctx["mask" + local]
+        elif "sliding" in cfg.layer_types:  # scanned: a per-layer choice between local and global
             cos = jnp.where(sliding, ctx["cos_local"], ctx["cos"])
             sin = jnp.where(sliding, ctx["sin_local"], ctx["sin"])
             mask = jnp.where(sliding, ctx["mask_local"], ctx["mask"])  # [b, 1, 1, t, s]
@@ -188,23 +207,24 @@ class Block(nn.Module):
             cos, sin, mask = ctx["cos"], ctx["sin"], ctx["mask"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, head_dim]
         cache = layer["cache"]
         if cache is not None:  # write this chunk into the layer's slots, attend to all slots
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, idx, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, idx, 0, 0))
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
             new_cache = {"k": k_all, "v": v_all}
         else:
             k_all, v_all, new_cache = k, v, None
 
         G = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim)  # GQA: group queries, never repeat K/V
-        scores = jnp.einsum("btkgh,bskh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
         if cfg.attn_logit_softcap:
             scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x_btd.dtype)
-        attn = jnp.einsum("bkgts,bskh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
+        attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
         out = project(attn, p["o"], lora.get("o"))
         if cfg.sandwich_norms:
             out = norm(out, p["post_attn_norm"])
@@ -229,6 +249,7 @@ class Transformer(nn.Module):
     """
 
     cfg: ModelConfig
+    unrolled: bool = False  # params "layers_0" … "layers_{L-1}" instead of stacked "layers"
 
     @nn.compact
     def __call__(
@@ -246,6 +267,16 @@ class Transformer(nn.Module):
         if cfg.embed_scale != 1.0:
             x = x * jnp.asarray(cfg.embed_scale, dtype)
 
+        head_params = {
+            "embed": embed,
+            "final_norm": self.param(
+                "final_norm", nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones, (cfg.d_model,)
+            ),
+            "lm_head": None
+            if cfg.tie_embeddings
+            else self.param("lm_head", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32),
+        }
+
         positions_bt = positions_bt.astype(jnp.int32)
         if cache is not None:
             k_pos = jax.lax.dynamic_update_slice(cache.pos, positions_bt, (0, cache.index))
@@ -262,6 +293,22 @@ class Transformer(nn.Module):
             local_rope = cfg.rope_local or cfg.rope
             ctx["cos_local"], ctx["sin_local"] = rope_tables(local_rope.inv_freq(cfg.head_dim), positions_bt)
             ctx["mask_local"] = attention_mask(positions_bt, k_pos, cfg.sliding_window)
+        if self.unrolled:
+            x, new_k, new_v = x, [], []
+            for i in range(cfg.n_layers):
+                inputs = {
+                    "is_sliding": bool(cfg.is_sliding[i]),
+                    "adapters": None
+                    if not adapters
+                    else {name: tuple(t[i] if t.ndim == 3 else t[:, i] for t in ab) for name, ab in adapters.items()},
+                    "cache": None if cache is None else {"k": cache.k[i], "v": cache.v[i]},
+                }
+                x, c = Block(cfg, name=f"layers_{i}")(x, inputs, ctx)
+                if cache is not None:
+                    new_k.append(c["k"])
+                    new_v.append(c["v"])
+            layer_cache = None if cache is None else {"k": tuple(new_k), "v": tuple(new_v)}
+            return self._head(x, cache, layer_cache, k_pos, tokens_bt, output, head_params)
         layer_inputs = {
             "is_sliding": jnp.asarray(cfg.is_sliding),
             # per-layer slices: move the layer axis to the front for the scan
@@ -284,22 +331,19 @@ class Transformer(nn.Module):
             length=cfg.n_layers,
         )
         x, layer_cache = scanned(cfg, name="layers")(x, layer_inputs, ctx)
+        return self._head(x, cache, layer_cache, k_pos, tokens_bt, output, head_params)
+
+    def _head(self, x, cache, layer_cache, k_pos, tokens_bt, output, head_params):
+        cfg = self.cfg
         new_cache = None
         if cache is not None:
             new_cache = KVCache(layer_cache["k"], layer_cache["v"], k_pos, cache.index + tokens_bt.shape[1])
-
-        final_norm = self.param(
-            "final_norm", nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones, (cfg.d_model,)
-        )
         if output == "last":  # only the last position's logits (prefill/decode: skip [b, t, vocab])
             x = x[:, -1:, :]
-        x = rms_norm(x, final_norm, cfg.norm_eps, cfg.norm_plus_one)
+        x = rms_norm(x, head_params["final_norm"], cfg.norm_eps, cfg.norm_plus_one)
         if output == "hidden":
             return x, new_cache
-        head = None
-        if not cfg.tie_embeddings:
-            head = self.param("lm_head", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size), jnp.float32)
-        return lm_head(cfg, {"embed": embed, "lm_head": head}, x), new_cache
+        return lm_head(cfg, head_params, x), new_cache
 
 
 def lm_head(cfg: ModelConfig, params: Mapping[str, Any], x_btd: Array) -> Array:
@@ -323,8 +367,36 @@ def forward(
     adapters: Adapters | None = None,
     output: str = "logits",
 ):
-    """Pure function form: `(logits | hidden, new_cache)`; jit it with `cfg` static."""
+    """Pure function form: `(logits | hidden, new_cache)`; jit it with `cfg` static.
+
+    `params["layers"]` is either the stacked dict (layers scanned) or, from `unstack_layers`,
+    a tuple of per-layer dicts (layers unrolled; pair it with a per-layer `KVCache`).
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        if len(layers) != cfg.n_layers:
+            raise ValueError(f"unstacked params have {len(layers)} layers, the config {cfg.n_layers}")
+        flat = {k: v for k, v in params.items() if k != "layers"}
+        flat.update({f"layers_{i}": p for i, p in enumerate(layers)})
+        return Transformer(cfg, unrolled=True).apply(
+            {"params": flat}, tokens_bt, positions_bt, cache, adapters, output
+        )
     return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, adapters, output)
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """`params` with `layers` as a tuple of per-layer dicts, each weight its own buffer.
+
+    Costs one copy of the layer weights; `forward` then unrolls the layer loop (see the module
+    docstring for why decode wants this).
+    """
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return dict(params)
+    n = len(jax.tree.leaves(layers)[0])
+    out = dict(params)
+    out["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))
+    return out
 
 
 def init_params(cfg: ModelConfig, key: Array) -> dict[str, Any]:
@@ -350,6 +422,7 @@ __all__ = [
     "Transformer",
     "forward",
     "init_params",
+    "unstack_layers",
     "positions_from_mask",
     "num_flops_per_token",
     "lm_head",
