@@ -57,9 +57,9 @@ def doc_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 # Base-weight axis to shard over `model`, by parameter name (layer axis 0 is never sharded).
-_MODEL_AXIS = {
-    "q": 2, "k": 2, "v": 2, "o": 1, "gate": 2, "up": 2, "down": 1,
-    "q_bias": 1, "k_bias": 1, "v_bias": 1, "embed": 0, "lm_head": 1,
+_MODEL_AXIS = {  # counted from the end, so stacked [L, in, out] and unstacked [in, out] layers agree
+    "q": -1, "k": -1, "v": -1, "o": -2, "gate": -1, "up": -1, "down": -2,
+    "q_bias": -1, "k_bias": -1, "v_bias": -1, "embed": -2, "lm_head": -1,
 }  # fmt: skip
 
 

@@ -113,18 +113,45 @@ def test_zero_b_is_base_model_and_merge_is_sum_of_deltas():
     assert not np.allclose(np.asarray(out), np.asarray(base), atol=1e-3)
 
 
-def test_chunked_loss_equals_full_loss_and_gradient():
+@pytest.mark.parametrize("head", ["tied", "untied_softcap"])
+def test_chunked_loss_equals_full_loss_and_gradient(head):
+    """The custom-VJP loss head (saved softmax, no recompute) against autodiff of the plain
+    loss, for a tied head and for an untied head with a final-logit softcap (Gemma)."""
     from jprag.model.transformer import lm_head
     from jprag.train.stacked import chunked_lm_loss, lm_loss
 
-    params = init_params(CFG, jax.random.key(0))
+    cfg = CFG.replace(tie_embeddings=True) if head == "tied" else CFG.replace(tie_embeddings=False, final_logit_softcap=3.0)
+    params = init_params(cfg, jax.random.key(0))
+    assert ("lm_head" in params) == (head != "tied")
     tokens = jax.random.randint(jax.random.key(1), (3, 37), 0, 128)
     mask = (jax.random.uniform(jax.random.key(2), (3, 37)) > 0.3).astype(jnp.int32)
     hidden = jax.random.normal(jax.random.key(3), (3, 37, CFG.d_model))
-    full = lambda h: lm_loss(lm_head(CFG, params, h), tokens, mask)  # noqa: E731
-    chunked = lambda h: chunked_lm_loss(CFG, params, h, tokens, mask, chunk=16)  # 108 targets: ragged last chunk  # noqa: E731
+    full = lambda h: lm_loss(lm_head(cfg, params, h), tokens, mask)  # noqa: E731
+    chunked = lambda h: chunked_lm_loss(cfg, params, h, tokens, mask, chunk=16)  # 108 targets: ragged last chunk  # noqa: E731
     np.testing.assert_allclose(chunked(hidden), full(hidden), rtol=1e-6)
     np.testing.assert_allclose(jax.grad(chunked)(hidden), jax.grad(full)(hidden), atol=1e-8)
+
+
+def test_doc_losses_equal_per_document_loss():
+    """`doc_losses` (one loss head over all documents' positions) equals `doc_loss` per row,
+    values and gradients w.r.t. the bank."""
+    from jprag.train.stacked import doc_loss, doc_losses
+
+    params = init_params(CFG, jax.random.key(0))
+    bank = init_bank(CFG, LORA, jax.random.key(1), 3)
+    bank = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape), bank)
+    tokens = jax.random.randint(jax.random.key(3), (3, 2, 19), 0, 128)
+    attn = (jnp.arange(19)[None, None] < jnp.asarray([[19, 12], [7, 19], [19, 3]])[..., None]).astype(jnp.int32)
+    loss_mask = (jax.random.uniform(jax.random.key(4), (3, 2, 19)) > 0.2).astype(jnp.int32)
+    batch = {"tokens": tokens, "attn_mask": attn, "loss_mask": loss_mask}
+    one = lambda b, r: doc_loss(CFG, LORA.scale, params, jax.tree.map(lambda x: x[r], b),  # noqa: E731
+                                jax.tree.map(lambda x: x[r], batch))
+    ref = jnp.stack([one(bank, r) for r in range(3)])
+    got = doc_losses(CFG, LORA.scale, params, bank, batch, rows_per_chunk=8)  # ragged chunks across rows
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    g_ref = jax.grad(lambda b: sum(one(b, r) for r in range(3)))(bank)
+    g_got = jax.grad(lambda b: jnp.sum(doc_losses(CFG, LORA.scale, params, b, batch, rows_per_chunk=8)))(bank)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), g_got, g_ref)
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -54,45 +54,121 @@ def lm_loss(logits_bsv: Array, tokens_bs: Array, loss_mask_bs: Array) -> Array:
     return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
-def chunked_lm_loss(cfg: ModelConfig, params, hidden_bsd: Array, tokens_bs: Array, loss_mask_bs: Array,
-                    chunk: int = 1024) -> Array:
-    """`lm_loss` from final hidden states without materialising all `[tokens, vocab]` logits.
+def _head_matrix(cfg: ModelConfig, params) -> tuple[Array, str]:
+    """The output projection and the einsum that applies it to `[rows, d]` hidden states."""
+    if cfg.tie_embeddings:
+        return params["embed"], "cd,vd->cv"
+    return params["lm_head"], "cd,dv->cv"
 
-    Tokens are processed in chunks under `jax.checkpoint`, so the forward and the backward each
-    hold one chunk's logits (`chunk × vocab` floats) instead of the whole sequence's; the price
-    is recomputing each chunk's head matmul in the backward pass.
+
+def _nll_fwd(cfg: ModelConfig, w, h_cd: Array, t_c: Array):
+    """Next-token NLL of one chunk of rows, and the residuals its backward pass needs."""
+    w_mat, spec = _head_matrix(cfg, {"embed": w, "lm_head": w})
+    z_cv = jnp.einsum(spec, h_cd, w_mat.astype(h_cd.dtype)).astype(jnp.float32)
+    cap = cfg.final_logit_softcap
+    th_cv = jnp.tanh(z_cv / cap) if cap else None
+    logits_cv = th_cv * cap if cap else z_cv
+    m_c1 = jnp.max(logits_cv, axis=-1, keepdims=True)
+    e_cv = jnp.exp(logits_cv - m_c1)
+    s_c1 = jnp.sum(e_cv, axis=-1, keepdims=True)
+    target_c = jnp.take_along_axis(logits_cv, t_c[:, None], axis=-1)[:, 0]
+    nll_c = (m_c1[:, 0] + jnp.log(s_c1[:, 0])) - target_c
+    return nll_c, (e_cv / s_c1, th_cv, h_cd, w, t_c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def chunk_nll(cfg: ModelConfig, w, h_cd: Array, t_c: Array) -> Array:
+    """`-log softmax(lm_head(h))[t]` per row; `w` is the head matrix (`embed` when tied).
+
+    The backward pass reuses the softmax saved by the forward (`(p - onehot) @ W`), so the
+    `[rows, vocab]` logits cost one matmul and one `exp` pass forward and one matmul backward;
+    recomputing them under `jax.checkpoint` costs a second matmul and `exp` over the whole
+    vocabulary, the largest single item of a small model's training step. The head matrix is
+    frozen: its cotangent is zero.
     """
-    d = hidden_bsd.shape[-1]
-    h = hidden_bsd[:, :-1].reshape(-1, d)
-    target = tokens_bs[:, 1:].reshape(-1)
-    w = loss_mask_bs[:, 1:].reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    chunk = min(chunk, n)
-    pad = (-n) % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    target = jnp.pad(target, (0, pad)).reshape(-1, chunk)
+    return _nll_fwd(cfg, w, h_cd, t_c)[0]
 
-    @jax.checkpoint
-    def nll(args):
-        h_cd, t_c = args
-        logits = lm_head(cfg, params, h_cd)
-        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
 
-    nll_n = jax.lax.map(nll, (h, target)).reshape(-1)[:n]
-    return jnp.sum(nll_n * w) / jnp.maximum(jnp.sum(w), 1.0)
+def _nll_bwd(cfg: ModelConfig, res, g_c: Array):
+    p_cv, th_cv, h_cd, w, t_c = res
+    onehot_cv = jax.lax.broadcasted_iota(jnp.int32, p_cv.shape, 1) == t_c[:, None]
+    dz_cv = (p_cv - onehot_cv.astype(p_cv.dtype)) * g_c[:, None]
+    if th_cv is not None:
+        dz_cv = dz_cv * (1.0 - th_cv * th_cv)
+    if cfg.tie_embeddings:
+        dh_cd = jnp.einsum("cv,vd->cd", dz_cv.astype(h_cd.dtype), w.astype(h_cd.dtype))
+    else:
+        dh_cd = jnp.einsum("cv,dv->cd", dz_cv.astype(h_cd.dtype), w.astype(h_cd.dtype))
+    return jnp.zeros_like(w), dh_cd, None
+
+
+chunk_nll.defvjp(lambda cfg, w, h, t: _nll_fwd(cfg, w, h, t), _nll_bwd)
+
+
+def token_nll(cfg: ModelConfig, params, hidden_ntd: Array, targets_nt: Array, rows_per_chunk: int = 256) -> Array:
+    """Per-token NLL `[n, t]` of `targets` under `lm_head(hidden)`, without all logits at once.
+
+    Positions are processed in chunks of `rows_per_chunk // n` positions across the leading
+    axis (`lax.map`), so one chunk's `[rows, vocab]` logits and softmax are live at a time and
+    the leading axis (documents, sharded over the mesh) is never mixed with positions.
+    """
+    n, t, d = hidden_ntd.shape
+    c = max(1, min(t, rows_per_chunk // max(n, 1)))
+    pad = (-t) % c
+    h = jnp.pad(hidden_ntd, ((0, 0), (0, pad), (0, 0))).reshape(n, -1, c, d).swapaxes(0, 1)
+    tg = jnp.pad(targets_nt, ((0, 0), (0, pad))).reshape(n, -1, c).swapaxes(0, 1)
+    w = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+
+    def one(args):
+        h_ncd, t_nc = args
+        return chunk_nll(cfg, w, h_ncd.reshape(-1, d), t_nc.reshape(-1)).reshape(n, c)
+
+    nll = jax.lax.map(one, (h, tg))  # [chunks, n, c]
+    return nll.swapaxes(0, 1).reshape(n, -1)[:, :t]
+
+
+def chunked_lm_loss(cfg: ModelConfig, params, hidden_bsd: Array, tokens_bs: Array, loss_mask_bs: Array,
+                    chunk: int = 256) -> Array:
+    """`lm_loss` from final hidden states without materialising all `[tokens, vocab]` logits
+    (`token_nll` with `chunk` rows per chunk)."""
+    nll = token_nll(cfg, params, hidden_bsd[:, :-1], tokens_bs[:, 1:], chunk)
+    w = loss_mask_bs[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def doc_hidden(cfg: ModelConfig, scale: float, params, adapter: Mapping, batch: Mapping[str, Array]) -> Array:
+    """Final hidden states `[n, S, d]` of ONE document's sequences under its adapter."""
+    positions = positions_from_mask(batch["attn_mask"])
+    hidden, _ = forward(cfg, params, batch["tokens"], positions, adapters=applied(adapter, scale), output="hidden")
+    return hidden
 
 
 def doc_loss(cfg: ModelConfig, scale: float, params, adapter: Mapping, batch: Mapping[str, Array]) -> Array:
     """Loss of ONE document's adapter on its sequences `tokens [n, S]` (right padded)."""
-    positions = positions_from_mask(batch["attn_mask"])
-    hidden, _ = forward(cfg, params, batch["tokens"], positions, adapters=applied(adapter, scale), output="hidden")
+    hidden = doc_hidden(cfg, scale, params, adapter, batch)
     return chunked_lm_loss(cfg, params, hidden, batch["tokens"], batch["loss_mask"] * batch["attn_mask"])
+
+
+def doc_losses(cfg: ModelConfig, scale: float, params, bank: Bank, batch: Mapping[str, Array],
+               rows_per_chunk: int = 512) -> Array:
+    """`[D]` losses, `doc_loss` of each row of `bank` on its row of `batch` (`tokens [D, n, S]`).
+
+    The transformer is `vmap`ped over documents; the loss head runs once over all documents'
+    positions (`token_nll`), so its chunks are `rows_per_chunk` rows however many documents
+    there are, instead of one chunk per document under `vmap`.
+    """
+    hidden = jax.vmap(functools.partial(doc_hidden, cfg, scale), in_axes=(None, 0, 0))(params, bank, batch)
+    D, n, S, d = hidden.shape
+    tokens = batch["tokens"]
+    nll = token_nll(cfg, params, hidden[:, :, :-1].reshape(D, n * (S - 1), d),
+                    tokens[:, :, 1:].reshape(D, n * (S - 1)), rows_per_chunk)
+    w = (batch["loss_mask"] * batch["attn_mask"])[:, :, 1:].reshape(D, -1).astype(jnp.float32)
+    return jnp.sum(nll * w, axis=-1) / jnp.maximum(jnp.sum(w, axis=-1), 1.0)
 
 
 def stacked_loss(cfg: ModelConfig, scale: float, params, bank: Bank, batch: Mapping[str, Array]):
     """`(Σ_d loss_d, loss [D])` for a bank `[D, ...]` and a batch `tokens [D, n, S]`."""
-    per_doc = jax.vmap(functools.partial(doc_loss, cfg, scale), in_axes=(None, 0, 0))(params, bank, batch)
-    per_doc = per_doc * batch["active"]
+    per_doc = doc_losses(cfg, scale, params, bank, batch) * batch["active"]
     return jnp.sum(per_doc), per_doc
 
 
@@ -144,8 +220,12 @@ def jit_train_step(step, mesh, params, bank, opt_state, batch):
 __all__ = [
     "TrainConfig",
     "lm_loss",
+    "chunk_nll",
+    "token_nll",
     "chunked_lm_loss",
+    "doc_hidden",
     "doc_loss",
+    "doc_losses",
     "stacked_loss",
     "init_opt_state",
     "make_train_step",
