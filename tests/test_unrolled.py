@@ -13,12 +13,13 @@ from jprag.model.config import ModelConfig
 from jprag.model.transformer import KVCache, forward, init_params, positions_from_mask, unstack_layers
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-def test_unrolled_equals_scanned(family):
+@pytest.mark.parametrize("family,fuse", [("llama", False), ("qwen2", True), ("gemma3", True)])
+def test_unrolled_equals_scanned(family, fuse):
     cfg = ModelConfig.from_hf(tiny_hf_config(family))
     params = init_params(cfg, jax.random.key(1))
-    flat = unstack_layers(params)
+    flat = unstack_layers(params, fuse=fuse)
     assert isinstance(flat["layers"], tuple) and len(flat["layers"]) == cfg.n_layers
+    assert ("gate_up" in flat["layers"][0]) == fuse and ("gate" in flat["layers"][0]) != fuse
     rng = np.random.default_rng(0)
     B, T = 3, 24
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -29,7 +30,7 @@ def test_unrolled_equals_scanned(family):
     adapters = {  # per-row adapters on two targets
         t: (jnp.asarray(rng.normal(size=(B, cfg.n_layers, proj[t][0], 2)), jnp.float32) * 0.1,
             jnp.asarray(rng.normal(size=(B, cfg.n_layers, 2, proj[t][1])), jnp.float32) * 0.1)
-        for t in ("q", "down")
+        for t in ("q", "v", "up", "down")
     }
     ref, _ = forward(cfg, params, tokens, positions, adapters=adapters)
     got, _ = forward(cfg, flat, tokens, positions, adapters=adapters)

@@ -43,10 +43,12 @@ Adapters = Mapping[str, tuple[Array, Array]]
 class KVCache(NamedTuple):
     """Keys/values of every layer plus the RoPE position held in each slot (-1 = empty).
 
-    k, v  [layers, batch, kv_heads, slots, head_dim], or (per_layer) a tuple of `layers`
-          arrays [batch, kv_heads, slots, head_dim] for unstacked layers. Slots are the
-          second-minor axis, the layout both attention dots read without a transpose (decode
-          would otherwise re-layout the whole cache of every layer at every step).
+    k     [layers, batch, kv_heads, head_dim, slots] (slots minor: a decode query's scores
+          are then a reduction over a major axis, vectorised along the slots)
+    v     [layers, batch, kv_heads, slots, head_dim] (slots second-minor: `probs @ v` reduces
+          over them). Both are the layouts the attention products read without a transpose;
+          decode would otherwise re-layout the whole cache of every layer at every step.
+          With `per_layer`, k and v are tuples of `layers` arrays without the layer axis.
     pos   [batch, slots] int32
     index []  int32: the next slot to write (all rows write the same slot; rows are
           left-padded so their prompts end together).
@@ -60,12 +62,14 @@ class KVCache(NamedTuple):
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None, per_layer: bool = False) -> "KVCache":
         dtype = dtype or cfg.dtype
-        shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
+        k_shape = (batch, cfg.n_kv_heads, cfg.head_dim, slots)
+        v_shape = (batch, cfg.n_kv_heads, slots, cfg.head_dim)
         if per_layer:
-            k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-            v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+            k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+            v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
         else:
-            k = v = jnp.zeros((cfg.n_layers, *shape), dtype)
+            k = jnp.zeros((cfg.n_layers, *k_shape), dtype)
+            v = jnp.zeros((cfg.n_layers, *v_shape), dtype)
         return cls(
             k=k,
             v=v,
@@ -165,10 +169,46 @@ def attention_mask(q_pos_bt: Array, k_pos_bs: Array, window: int | None) -> Arra
     return mask[:, None, None, :, :]
 
 
+# Weights that unstacked decode layers hold concatenated along the output axis (`fuse_layer`):
+# one matmul instead of several. At decode's few rows per step a matmul streams its weight
+# once whatever its width, so fewer, wider matmuls mean fewer passes and less dispatch.
+FUSED = {"qkv": ("q", "k", "v"), "qkv_bias": ("q_bias", "k_bias", "v_bias"), "gate_up": ("gate", "up")}
+
+
+def fuse_layer(layer: Mapping[str, Array]) -> dict[str, Array]:
+    """One unstacked layer's params with q/k/v (and biases) and gate/up concatenated."""
+    out = {k: v for k, v in layer.items() if not any(k in parts for parts in FUSED.values())}
+    for name, parts in FUSED.items():
+        if all(part in layer for part in parts):
+            out[name] = jnp.concatenate([layer[part] for part in parts], axis=-1)
+    return out
+
+
+def _fused_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    out = {k: v for k, v in shapes.items() if not any(k in parts for parts in FUSED.values())}
+    qkv = cfg.q_dim + 2 * cfg.kv_dim
+    out["qkv"] = (cfg.d_model, qkv)
+    out["gate_up"] = (cfg.d_model, 2 * cfg.d_ff)
+    if cfg.qkv_bias:
+        out["qkv_bias"] = (qkv,)
+    return out
+
+
+def _plus_lora(y_bso: Array, x_bsi: Array, lora: tuple[Array, Array] | None) -> Array:
+    if lora is None:
+        return y_bso
+    a, b = lora
+    return y_bso + lora_delta(x_bsi, a.astype(x_bsi.dtype), b.astype(x_bsi.dtype))
+
+
 class Block(nn.Module):
-    """One decoder layer; `nn.scan` stacks its parameters on a leading layer axis."""
+    """One decoder layer; `nn.scan` stacks its parameters on a leading layer axis.
+
+    `fused`: the layer's params come from `fuse_layer` (q/k/v and gate/up concatenated).
+    """
 
     cfg: ModelConfig
+    fused: bool = False
 
     def _param(self, name: str, shape: tuple[int, ...]) -> Array:
         if name.endswith("norm"):
@@ -183,6 +223,8 @@ class Block(nn.Module):
     def __call__(self, x_btd: Array, layer: dict[str, Any], ctx: dict[str, Any]):
         cfg = self.cfg
         shapes = {k: v[1:] for k, v in param_shapes(cfg)["layers"].items()}
+        if self.fused:
+            shapes = _fused_shapes(cfg, shapes)
         p = {name: self._param(name, shape) for name, shape in shapes.items()}
         lora = layer["adapters"] or {}
         norm = lambda h, w: rms_norm(h, w, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
@@ -190,9 +232,17 @@ class Block(nn.Module):
 
         # --- attention -------------------------------------------------------------
         h = norm(x_btd, p["attn_norm"])
-        q = project(h, p["q"], lora.get("q"), p.get("q_bias")).reshape(B, T, cfg.n_heads, cfg.head_dim)
-        k = project(h, p["k"], lora.get("k"), p.get("k_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = project(h, p["v"], lora.get("v"), p.get("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        if self.fused:
+            qkv = project(h, p["qkv"], None, p.get("qkv_bias"))
+            q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+            q, k, v = (_plus_lora(y, h, lora.get(n)) for y, n in ((q, "q"), (k, "k"), (v, "v")))
+        else:
+            q = project(h, p["q"], lora.get("q"), p.get("q_bias"))
+            k = project(h, p["k"], lora.get("k"), p.get("k_bias"))
+            v = project(h, p["v"], lora.get("v"), p.get("v_bias"))
+        q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
         sliding = layer["is_sliding"]
@@ -207,11 +257,11 @@ class Block(nn.Module):
             cos, sin, mask = ctx["cos"], ctx["sin"], ctx["mask"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv_heads, t, head_dim]
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # k [b, kv, h, t], v [b, kv, t, h]
         cache = layer["cache"]
         if cache is not None:  # write this chunk into the layer's slots, attend to all slots
             idx = ctx["cache_index"]
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, idx, 0))
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, 0, 0, idx))
             v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, 0, idx, 0))
             new_cache = {"k": k_all, "v": v_all}
         else:
@@ -219,12 +269,21 @@ class Block(nn.Module):
 
         G = cfg.n_heads // cfg.n_kv_heads
         q = q.reshape(B, T, cfg.n_kv_heads, G, cfg.head_dim)  # GQA: group queries, never repeat K/V
-        scores = jnp.einsum("btkgh,bksh->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
+        decode = T == 1  # one query per row: matrix-vector products, as multiply-reduce (below)
+        if decode:  # XLA:CPU runs tiny batched dots one batch at a time; a reduce fusion is one pass
+            scores = jnp.sum(q[:, 0, :, :, :, None] * k_all[:, :, None].astype(q.dtype), axis=-2)[:, :, :, None]
+            scores = scores.astype(jnp.float32) * cfg.scale
+        else:
+            scores = jnp.einsum("btkgh,bkhs->bkgts", q, k_all.astype(q.dtype)).astype(jnp.float32) * cfg.scale
         if cfg.attn_logit_softcap:
             scores = jnp.tanh(scores / cfg.attn_logit_softcap) * cfg.attn_logit_softcap
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(x_btd.dtype)
-        attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
+        if decode:
+            attn = jnp.sum(probs[:, :, :, 0, :, None] * v_all[:, :, None].astype(x_btd.dtype), axis=-2)
+            attn = attn.reshape(B, T, cfg.q_dim)  # [b, k, g, h] → [b, 1, k·g·h]
+        else:
+            attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
         out = project(attn, p["o"], lora.get("o"))
         if cfg.sandwich_norms:
             out = norm(out, p["post_attn_norm"])
@@ -232,9 +291,13 @@ class Block(nn.Module):
 
         # --- feed-forward ------------------------------------------------------------
         h = norm(x_btd, p["ffn_norm"])
-        gate = project(h, p["gate"], lora.get("gate"))
+        if self.fused:
+            gate, up = jnp.split(project(h, p["gate_up"], None), 2, axis=-1)
+            gate, up = _plus_lora(gate, h, lora.get("gate")), _plus_lora(up, h, lora.get("up"))
+        else:
+            gate, up = project(h, p["gate"], lora.get("gate")), project(h, p["up"], lora.get("up"))
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        out = project(act * project(h, p["up"], lora.get("up")), p["down"], lora.get("down"))
+        out = project(act * up, p["down"], lora.get("down"))
         if cfg.sandwich_norms:
             out = norm(out, p["post_ffn_norm"])
         return x_btd + out, new_cache
@@ -250,6 +313,7 @@ class Transformer(nn.Module):
 
     cfg: ModelConfig
     unrolled: bool = False  # params "layers_0" … "layers_{L-1}" instead of stacked "layers"
+    fused: bool = False  # unrolled layers hold `fuse_layer` params
 
     @nn.compact
     def __call__(
@@ -303,7 +367,7 @@ class Transformer(nn.Module):
                     else {name: tuple(t[i] if t.ndim == 3 else t[:, i] for t in ab) for name, ab in adapters.items()},
                     "cache": None if cache is None else {"k": cache.k[i], "v": cache.v[i]},
                 }
-                x, c = Block(cfg, name=f"layers_{i}")(x, inputs, ctx)
+                x, c = Block(cfg, fused=self.fused, name=f"layers_{i}")(x, inputs, ctx)
                 if cache is not None:
                     new_k.append(c["k"])
                     new_v.append(c["v"])
@@ -378,17 +442,19 @@ def forward(
             raise ValueError(f"unstacked params have {len(layers)} layers, the config {cfg.n_layers}")
         flat = {k: v for k, v in params.items() if k != "layers"}
         flat.update({f"layers_{i}": p for i, p in enumerate(layers)})
-        return Transformer(cfg, unrolled=True).apply(
+        fused = any(name in layers[0] for name in FUSED)
+        return Transformer(cfg, unrolled=True, fused=fused).apply(
             {"params": flat}, tokens_bt, positions_bt, cache, adapters, output
         )
     return Transformer(cfg).apply({"params": params}, tokens_bt, positions_bt, cache, adapters, output)
 
 
-def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+def unstack_layers(params: Mapping[str, Any], fuse: bool = False) -> dict[str, Any]:
     """`params` with `layers` as a tuple of per-layer dicts, each weight its own buffer.
 
     Costs one copy of the layer weights; `forward` then unrolls the layer loop (see the module
-    docstring for why decode wants this).
+    docstring for why decode wants this). `fuse`: also concatenate q/k/v and gate/up
+    (`fuse_layer`); LoRA adapters still address q, k, v, gate, up by name.
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
@@ -396,6 +462,8 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     n = len(jax.tree.leaves(layers)[0])
     out = dict(params)
     out["layers"] = tuple(jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n))
+    if fuse:
+        out["layers"] = tuple(fuse_layer(layer) for layer in out["layers"])
     return out
 
 

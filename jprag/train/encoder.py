@@ -87,7 +87,7 @@ def encode_documents(
     seed: int = 0,
     pad_id: int = 0,
     model_id: str = "",
-    length_multiple: int = 64,
+    length_multiple: int = 32,
     extra_index: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
