@@ -11,6 +11,7 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -226,3 +227,20 @@ def test_load_unfinished_bank_mentions_resuming(tmp_path, reference):
     with pytest.raises(BankError, match="resum") as err:
         load_bank(out)
     assert str(out) in str(err.value)
+
+
+def test_shared_init_starts_every_document_from_one_a(tmp_path, params, corpus, mesh2):
+    """`shared_init`: every row starts from document index 0's A (DyPRAG's training pairs); the
+    default draws one A per document. With lr = 0 the bank is exactly its initialisation."""
+    from jprag.lora import init_bank
+
+    frozen = TrainConfig(learning_rate=0.0, weight_decay=0.0)
+    shared = _encode(params, corpus, mesh2, tmp_path / "shared", train=frozen, shared_init=True)
+    assert shared["shared_init"] is True
+    own = _encode(params, corpus, mesh2, tmp_path / "own", train=frozen)
+    a0 = np.asarray(init_bank(CFG, LORA, jax.random.key(0), jnp.asarray([0]))["up"]["a"][0])
+    a_shared = load_bank(tmp_path / "shared")[0]["up"]["a"]
+    a_own = load_bank(tmp_path / "own")[0]["up"]["a"]
+    for r in range(N_DOCS):
+        np.testing.assert_array_equal(a_shared[r], a0)
+    assert not np.allclose(a_own[1], a_own[0])

@@ -319,6 +319,21 @@ def _run_export_peft(args: argparse.Namespace) -> int:
     return run_export_peft(args)
 
 
+# --------------------------------------------------------------------------- DyPRAG translator
+
+
+def _add_translator_arguments(parser: argparse.ArgumentParser) -> None:
+    from jprag.cli.translator import add_arguments
+
+    add_arguments(parser)
+
+
+def _run_translator(args: argparse.Namespace) -> int:
+    from jprag.cli.translator import run
+
+    return run(args)
+
+
 # --------------------------------------------------------------------------- command table
 
 COMMANDS: list[Command] = [
@@ -335,6 +350,8 @@ COMMANDS: list[Command] = [
             _add_encode_arguments, _run_encode),
     Command("export-peft", "write one document's adapter, or the merge of several, as a PEFT LoRA directory",
             _add_export_peft_arguments, _run_export_peft),
+    Command("translator", "DyPRAG parameter translator: train one (train), answer with one (eval)",
+            _add_translator_arguments, _run_translator),
 ]
 
 

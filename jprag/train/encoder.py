@@ -90,10 +90,14 @@ def encode_documents(
     length_multiple: int = 32,
     extra_index: Mapping[str, Any] | None = None,
     progress: bool = True,
+    shared_init: bool = False,
 ) -> dict[str, Any]:
     """Train one adapter per document into the bank at `out_dir`; returns the final index.
 
-    Resumable: finished chunks recorded in `out_dir/index.json` are skipped.
+    Resumable: finished chunks recorded in `out_dir/index.json` are skipped. `shared_init`:
+    every document starts from the same initial A (document index 0's draw), as the DyPRAG
+    reference does, so trained factors differ only by what the documents taught; by default
+    each document draws its own (`init_bank`).
     """
     if len(per_doc_examples) != len(doc_ids):
         raise ValueError(f"{len(per_doc_examples)} example lists for {len(doc_ids)} document ids")
@@ -107,8 +111,10 @@ def encode_documents(
     D = pad_to_data(min(chunk_size, len(doc_ids), max(1, train.max_tokens_per_step // longest)), mesh)
     root = pathlib.Path(out_dir)
     shapes = {t: {k: list(v) for k, v in ab.items()} for t, ab in lora.shapes(cfg).items()}
-    index = _new_index(doc_ids, lora, train, model_id, plan_chunks(per_doc_examples, D), seed, shapes,
-                       dict(extra_index or {}))
+    extra = dict(extra_index or {})
+    if shared_init:
+        extra["shared_init"] = True
+    index = _new_index(doc_ids, lora, train, model_id, plan_chunks(per_doc_examples, D), seed, shapes, extra)
     if (root / "index.json").exists():
         old = read_index(root)
         _check_resumable(old, index, root)
@@ -131,7 +137,8 @@ def encode_documents(
         rows = index["chunks"][c]["rows"]
         examples = [list(per_doc_examples[r]) for r in rows] + [[] for _ in range(D - len(rows))]
         # padding rows draw init from index -1 and are never active
-        bank = init_bank(cfg, lora, key, jnp.asarray(list(rows) + [-1] * (D - len(rows))))
+        init_rows = [0] * len(rows) if shared_init else list(rows)
+        bank = init_bank(cfg, lora, key, jnp.asarray(init_rows + [-1] * (D - len(rows))))
         bank = jax.device_put(bank, doc_shardings(bank, mesh))
         opt_state = init_opt_state(optimizer, bank)
         opt_state = jax.device_put(opt_state, doc_shardings(opt_state, mesh))
