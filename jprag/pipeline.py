@@ -266,6 +266,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
 
     results = {"model": lm.path, "dataset": cfg.dataset if cfg.dataset == "sample" else str(cfg.data_dir),
                "n_questions": len(questions), "n_documents": len(docs), "methods": {}, "timings": timings}
+    storage = {name: source_storage(src) for name, src in ctx.sources.items()}
     types = [q.type for q in questions]
     answers = [q.answers for q in questions]
     with open(out / "predictions.jsonl", "w") as pred_file:
@@ -276,6 +277,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             bar.close()
             res = score(got.predictions, got.outputs, answers, types)
             res["seconds"] = time.perf_counter() - t0
+            if storage.get(METHODS[name].source):
+                res["storage"] = storage[METHODS[name].source]
             results["methods"][name] = res
             for q, o, p in zip(questions, got.outputs, got.predictions):
                 pred_file.write(json.dumps({
@@ -291,17 +294,37 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     return results
 
 
+def source_storage(source) -> dict[str, int] | None:
+    """fp32 bytes an adapter source keeps: each document's own (`row_bytes`), shared by all
+    (`shared_bytes`, e.g. a Poly-PRAG inventory) and the number of documents (`n_docs`)."""
+    if hasattr(source, "storage"):
+        return source.storage()
+    if isinstance(source, BankSource):
+        import jax
+
+        row = sum(int(x[0].size) * x.dtype.itemsize for x in jax.tree.leaves(source.bank))
+        return {"row_bytes": row, "shared_bytes": 0, "n_docs": len(source.doc_rows)}
+    return None
+
+
 def results_table(results: Mapping[str, Any]) -> str:
-    """Markdown table: one row per method, overall and per-type F1."""
+    """Markdown table: one row per method, overall and per-type F1 (and adapter storage, when a
+    method has adapters: KiB per document and MiB shared by all documents)."""
     methods = results["methods"]
     types = list(dict.fromkeys(t for r in methods.values() for t in r["by_type"]))
+    stored = any("storage" in r for r in methods.values())
     head = "| method | EM | F1 | has-answer | " + " | ".join(f"F1 {t}" for t in types) + " | n | seconds |"
-    sep = "|---|" + "---:|" * (3 + len(types) + 2)
+    head += " KiB/doc | shared MiB |" if stored else ""
+    sep = "|---|" + "---:|" * (3 + len(types) + 2 + 2 * stored)
     rows = [head, sep]
     for name, r in methods.items():
         per = " | ".join(f"{r['by_type'][t]['f1']:.3f}" if t in r["by_type"] else "-" for t in types)
-        rows.append(f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['has_answer']:.3f} | {per} | {r['n']} "
-                    f"| {r['seconds']:.0f} |")
+        row = (f"| {name} | {r['em']:.3f} | {r['f1']:.3f} | {r['has_answer']:.3f} | {per} | {r['n']} "
+               f"| {r['seconds']:.0f} |")
+        if stored:
+            s = r.get("storage")
+            row += f" {s['row_bytes'] / 1024:.1f} | {s['shared_bytes'] / 2**20:.1f} |" if s else " - | - |"
+        rows.append(row)
     return "\n".join(rows)
 
 
