@@ -12,7 +12,8 @@ import dataclasses
 import json
 import pathlib
 
-PIPELINE_HELP = "methods: vanilla, rag, prag, prag-combine (comma separated)"
+PIPELINE_HELP = ("methods, comma separated: vanilla, rag, prag, prag-combine, poly-prag, poly-prag-combine, "
+                 "poly-z-prag, poly-z-prag-combine, dyprag, dyprag-combine")
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser, *, demo: bool = False) -> None:
