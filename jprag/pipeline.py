@@ -5,6 +5,7 @@
     augment/      LLM augmentation cache (documents that came without rewrite/QA)
     index/        the retrieval index (questions that came without retrieved passages)
     bank/         the PRAG adapter bank (resumable, see `jprag.train.encoder`)
+    answers/      generated answers per method, appended batch by batch (`jprag.eval.cache`)
     predictions.jsonl   one line per (method, question): output, prediction, scores
     results.json  {"model", "dataset", "methods": {name: {em, f1, has_answer, n, by_type, seconds}}}
     results.md    the Markdown table printed at the end;  results.png  a bar chart
@@ -24,7 +25,8 @@ from typing import Any, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from jprag.data.documents import Document, Question
-from jprag.eval.methods import METHODS, BankSource, EvalContext, GenConfig, answer
+from jprag.eval.cache import AnswerCache, fingerprint
+from jprag.eval.methods import METHODS, BankSource, EvalContext, GenConfig, Method, answer
 from jprag.eval.metrics import exact_match, f1, has_answer, score
 from jprag.lora.adapters import LoraConfig
 from jprag.poly.config import PolyConfig
@@ -273,7 +275,8 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
         for name in cfg.methods:
             t0 = time.perf_counter()
             bar = tqdm(total=len(questions), desc=f"answer [{name}]", unit="q", disable=not progress)
-            got = answer(METHODS[name], ctx, questions, progress=bar.update)
+            cache = AnswerCache(out / "answers" / f"{name}.jsonl", answer_fingerprint(cfg, lm.path, METHODS[name]))
+            got = answer(METHODS[name], ctx, questions, progress=bar.update, cache=cache)
             bar.close()
             res = score(got.predictions, got.outputs, answers, types)
             res["seconds"] = time.perf_counter() - t0
@@ -292,6 +295,14 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     (out / "results.md").write_text(table + "\n")
     plot_results(results, out / "results.png")
     return results
+
+
+def answer_fingerprint(cfg: RunConfig, model: str, method: Method) -> str:
+    """What a cached answer of `method` depends on besides its question: the model and every
+    setting of the run (the method list and output directory aside), so that answers cached
+    under other settings, or with adapters trained under other settings, are never reused."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("methods", "out_dir")}
+    return fingerprint({"model": model, "settings": settings, "method": dataclasses.asdict(method)})
 
 
 def source_storage(source) -> dict[str, int] | None:

@@ -5,6 +5,7 @@ step runs for real (chat template, BM25 retrieval, stacked encoding, per-row ada
 table, plot) in seconds; the scores themselves are meaningless and not asserted.
 """
 
+import dataclasses
 import importlib.util
 import json
 
@@ -56,6 +57,37 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path):
     run(cfg, progress=False)
     index2 = json.loads((tmp_path / "bank" / "index.json").read_text())
     assert [c["seconds"] for c in index2["chunks"]] == seconds
+
+
+def test_answers_resume_from_the_cache(tiny_model, tmp_path, monkeypatch):
+    """A re-run answers only what the answer cache lacks (a torn last line included) and gets
+    the same predictions; a changed setting invalidates the cached answers."""
+    import jprag.eval.methods as methods
+
+    cfg = RunConfig(dataset="sample", limit=6, model=tiny_model, out_dir=str(tmp_path), methods=("vanilla", "prag"),
+                    chunk_size=4, gen=GenConfig(max_new_tokens=4, batch_size=4, top_k=2))
+    first = run(cfg, progress=False)
+    preds = (tmp_path / "predictions.jsonl").read_text()
+    cached = tmp_path / "answers" / "prag.jsonl"
+    lines = cached.read_text().splitlines()
+    assert len(lines) == 6
+    cached.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])  # two answers lost, one line torn
+
+    real_generate, generated = methods.generate, []
+
+    def counting_generate(cfg_, params, prompts, **kw):
+        generated.append(len(prompts))
+        return real_generate(cfg_, params, prompts, **kw)
+
+    monkeypatch.setattr(methods, "generate", counting_generate)
+    second = run(cfg, progress=False)
+    assert generated == [2]  # vanilla fully cached; prag: only the two lost questions
+    assert (tmp_path / "predictions.jsonl").read_text() == preds
+    assert {m: r["f1"] for m, r in second["methods"].items()} == {m: r["f1"] for m, r in first["methods"].items()}
+
+    generated.clear()
+    run(dataclasses.replace(cfg, gen=dataclasses.replace(cfg.gen, max_new_tokens=3)), progress=False)
+    assert generated == [4, 2, 4, 2]  # other settings: nothing reused
 
 
 def test_config_file_errors_name_the_field(tmp_path):

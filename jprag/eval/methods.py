@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jprag.data.documents import Document, Question
+from jprag.eval.cache import AnswerCache
 from jprag.eval.prompts import assistant_prefix, build_user_prompt, extract_answer
 from jprag.lora.adapters import Bank, LoraConfig, merge_topk
 from jprag.model.generate import SamplingConfig, generate
@@ -107,28 +108,40 @@ class Answers:
 
 
 def answer(method: Method, ctx: EvalContext, questions: Sequence[Question],
-           progress: Callable[[int], None] | None = None) -> Answers:
-    """Answer `questions` with `method`: batched generation, per-row adapters when it has any."""
+           progress: Callable[[int], None] | None = None, cache: AnswerCache | None = None) -> Answers:
+    """Answer `questions` with `method`: batched generation, per-row adapters when it has any.
+
+    With a `cache`, questions it already holds are not generated again, and every generated
+    batch is recorded in it before the next one starts (a killed run resumes there).
+    """
     if method.source is not None and method.source not in ctx.sources:
         raise ValueError(f"method {method.name!r} needs adapter source {method.source!r}, which this run did not build")
     lm, gen = ctx.lm, ctx.gen
     prefix = assistant_prefix(gen.cot)
-    outputs: list[str] = []
-    for start in range(0, len(questions), gen.batch_size):
-        batch = questions[start : start + gen.batch_size]
-        doc_ids = [list(ctx.retrieved[q.id])[: gen.top_k] for q in batch]
+    doc_ids = [list(ctx.retrieved[q.id])[: gen.top_k] for q in questions]
+    keys = [cache.key(q.id, q.question, ids) for q, ids in zip(questions, doc_ids)] if cache is not None else None
+    outputs: list[str | None] = [cache.get(k) for k in keys] if cache is not None else [None] * len(questions)
+    if progress and cache is not None:
+        progress(sum(o is not None for o in outputs))
+    todo = [i for i, o in enumerate(outputs) if o is None]
+    for start in range(0, len(todo), gen.batch_size):
+        rows = todo[start : start + gen.batch_size]
         prompts = []
-        for q, ids in zip(batch, doc_ids):
-            passages = [ctx.docs[d].passage for d in ids] if method.passages else None
-            user = build_user_prompt(q.question, passages, cot=gen.cot, fewshot=gen.fewshot)
+        for i in rows:
+            passages = [ctx.docs[d].passage for d in doc_ids[i]] if method.passages else None
+            user = build_user_prompt(questions[i].question, passages, cot=gen.cot, fewshot=gen.fewshot)
             prompts.append(lm.chat_tokens(user, assistant_prefix=prefix))
-        adapters = ctx.sources[method.source].adapters(doc_ids) if method.source else None
+        adapters = ctx.sources[method.source].adapters([doc_ids[i] for i in rows]) if method.source else None
         outs = generate(
             lm.cfg, lm.params, prompts, max_new_tokens=gen.max_new_tokens, sampling=SamplingConfig(),
             stop_ids=lm.stop_ids, adapters=adapters, pad_id=int(lm.tokenizer.pad_token_id or 0),
         )
-        outputs += [lm.tokenizer.decode(np.asarray(o, np.int64), skip_special_tokens=True) for o in outs]
+        texts = [lm.tokenizer.decode(np.asarray(o, np.int64), skip_special_tokens=True) for o in outs]
+        for i, text in zip(rows, texts):
+            outputs[i] = text
+        if cache is not None:
+            cache.add((keys[i], text) for i, text in zip(rows, texts))
         if progress:
-            progress(len(batch))
+            progress(len(rows))
     predictions = [extract_answer(o, gen.cot) for o in outputs]
     return Answers(outputs, predictions)
