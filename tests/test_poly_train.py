@@ -223,6 +223,16 @@ def test_poly_z_trains_only_new_rows(tmp_path, monkeypatch, params, corpus, refe
     monkeypatch.setattr(polyz, "save_chunk", real_save)
     np.testing.assert_array_equal(_rows(params, corpus, inventory, tmp_path / "d", _mesh(2, 1), chunk_size=2)[0], z)
 
+    # Killed again, resumed on a mesh with another `data` size: the unfinished rows are re-planned
+    # (chunks of 4, not 2), the finished chunk is kept, and the rows are the same.
+    monkeypatch.setattr(polyz, "save_chunk", dies_on_second_chunk)
+    with pytest.raises(Killed):
+        _rows(params, corpus, inventory, tmp_path / "e", _mesh(2, 1), chunk_size=2)
+    monkeypatch.setattr(polyz, "save_chunk", real_save)
+    z_moved, moved = _rows(params, corpus, inventory, tmp_path / "e", _mesh(4, 1), chunk_size=2)
+    assert [len(c["rows"]) for c in moved["chunks"]] == [2, 3]
+    np.testing.assert_allclose(z_moved, z, atol=1e-5, rtol=0)
+
     other = jax.tree.map(lambda x: x + 1.0, inventory)  # rows of another inventory are another run
     with pytest.raises(PolyStoreError, match="'inventory'"):
         _rows(params, corpus, other, tmp_path / "d", _mesh(2, 1), chunk_size=2)

@@ -4,7 +4,8 @@ Layout of a bank directory::
 
     index.json         format, model id, LoRA config, training metadata, document ids (row
                        order), chunk plan and which chunks are finished
-    chunks/00000/      orbax checkpoint of one chunk's rows {target: {"a", "b"}} (unpadded)
+    chunks/00000/      orbax checkpoint of one chunk's rows {target: {"a", "b"}} (unpadded);
+                       a chunk entry's `dir` names its directory
     chunks/00001/ ...
 
 Chunks are written whole and atomically (orbax commits a directory, the index is replaced with
@@ -74,6 +75,12 @@ def chunk_dir(root: pathlib.Path, chunk: int) -> pathlib.Path:
     return root / "chunks" / f"{chunk:05d}"
 
 
+def chunk_number(position: int, chunk: Mapping[str, Any]) -> int:
+    """The checkpoint directory number of the index's `position`-th chunk entry (its `dir`;
+    indices written before re-planned resumes existed number chunks by position)."""
+    return int(chunk.get("dir", position))
+
+
 def save_chunk(root: pathlib.Path, chunk: int, rows_bank: Bank) -> None:
     """Write one chunk's rows (host copies) as an orbax checkpoint, replacing a partial one."""
     path = chunk_dir(root, chunk)
@@ -111,7 +118,7 @@ def load_bank(root: str | os.PathLike, require_complete: bool = True) -> tuple[B
             continue
         rows = np.asarray(chunk["rows"], np.int64)
         template = {t: {k: np.zeros((len(rows), *shapes[t][k]), dtype) for k in ("a", "b")} for t in lora.targets}
-        part = load_chunk(root, c, template)
+        part = load_chunk(root, chunk_number(c, chunk), template)
         for t in lora.targets:
             for k in ("a", "b"):
                 bank[t][k][rows] = part[t][k]

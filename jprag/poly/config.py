@@ -114,11 +114,13 @@ class PolyConfig:
 
 
 # Fields that change what the joint phase (inventory + rows) or the Poly-z phase (new rows
-# against a frozen inventory) computes: a resume must agree on them; the others are free.
+# against a frozen inventory) computes: a resume must agree on them; the others are free. Poly-z
+# rows train independently, so its chunking (chunk_size, max_tokens_per_step, the mesh) is free:
+# a resume re-plans the unfinished rows (`jprag.train.encoder.resume_chunks`).
 JOINT_FIELDS = ("n_skills", "rank", "alpha", "targets", "per_layer", "routing", "init_logit", "tau_start",
                 "tau_end", "learning_rate", "weight_decay", "routing_learning_rate", "epochs", "batch_docs",
                 "max_tokens_per_step", "seed")
 Z_FIELDS = ("n_skills", "rank", "alpha", "targets", "per_layer", "routing", "init_logit", "tau_start", "tau_end",
-            "routing_learning_rate", "z_epochs", "chunk_size", "max_tokens_per_step", "seed")
+            "routing_learning_rate", "z_epochs", "seed")
 STEP_FIELDS = ("n_skills", "rank", "alpha", "targets", "per_layer", "routing", "tau_start", "tau_end",
                "learning_rate", "weight_decay", "routing_learning_rate", "seed")

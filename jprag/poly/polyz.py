@@ -4,7 +4,7 @@ Only the new rows are trained; the inventory is a read-only input of the compile
 differentiated, not donated, not returned), so it is bit-identical afterwards. Each row is
 trained independently (per-row Adam, no coupling), so the chunking — like the PRAG encoder's:
 documents sorted by length, D per chunk, D a multiple of the mesh's `data` size — changes
-nothing but speed. A row's initial logits and its Gumbel noise are keyed by the document's
+nothing but speed, and a resumed run may re-plan its unfinished rows for another mesh. A row's initial logits and its Gumbel noise are keyed by the document's
 index in this table and its own step, as in joint training.
 
 On disk (`jprag.poly.store`): `index.json` (format `jprag-poly-z/1`, the fingerprint of the
@@ -29,7 +29,7 @@ from jprag.poly.config import Z_FIELDS, PolyConfig
 from jprag.poly.routing import Inventory, init_routing
 from jprag.poly.steps import init_routing_state, jit_routing_step, make_routing_step
 from jprag.poly.store import Z_FORMAT, PolyStoreError, check_resumable, fingerprint, read_index, write_index
-from jprag.train.encoder import bucket_length, plan_chunks
+from jprag.train.encoder import bucket_length, plan_chunks, resume_chunks
 from jprag.train.recipe import Example, pack_step_batches
 
 _JITTED: dict[Any, Any] = {}  # (cfg, poly.step_key(), mesh) → jitted step
@@ -72,18 +72,15 @@ def train_routing_rows(
         "format": Z_FORMAT, "model": model_id, "poly": poly.to_json(), "doc_ids": list(doc_ids),
         "inventory": fingerprint(inventory), "length_multiple": length_multiple,
         "routing_shape": [N, poly.routing_layers(L), poly.n_skills],
-        "chunks": [{"rows": rows, "done": False} for rows in plan_chunks(per_doc_examples, D)],
+        "chunks": [{"rows": rows, "done": False, "dir": c} for c, rows in enumerate(plan_chunks(per_doc_examples, D))],
         **dict(extra_index or {}),
     }
     if (root / "index.json").exists():
         old = read_index(root, Z_FORMAT)
         check_resumable(old, index, root, ("model", "doc_ids", "inventory", "length_multiple", "routing_shape"),
                         Z_FIELDS)
-        if [c["rows"] for c in old["chunks"]] != [c["rows"] for c in index["chunks"]]:
-            raise PolyStoreError(f"{root}/index.json: the chunk plan differs (was the mesh's data size changed?)")
-        index = old
-    else:
-        write_index(root, index)
+        index = dict(old, chunks=resume_chunks(old["chunks"], per_doc_examples, D))
+    write_index(root, index)
 
     todo = [c for c, chunk in enumerate(index["chunks"]) if not chunk["done"]]
     if todo:
@@ -116,7 +113,7 @@ def train_routing_rows(
                         make_routing_step(cfg, poly), mesh, params, inventory, z, z_state, batch)
                 z, z_state, loss = jitted(params, inventory, z, z_state, batch)
                 n_tokens += int(batch["attn_mask"].sum())
-        save_chunk(root, c, {"z": np.asarray(z)[: len(rows)]})
+        save_chunk(root, index["chunks"][c]["dir"], {"z": np.asarray(z)[: len(rows)]})
         seconds = time.perf_counter() - t0
         final = float(np.asarray(loss)[: len(rows)].mean()) if loss is not None else 0.0
         index["chunks"][c].update(done=True, seconds=seconds, tokens=n_tokens, final_loss=final)

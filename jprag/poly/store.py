@@ -119,7 +119,7 @@ def load_joint(root: str | pathlib.Path) -> tuple[dict, np.ndarray, dict[str, An
 
 def load_rows(root: str | pathlib.Path) -> tuple[np.ndarray, dict[str, Any]]:
     """`(z [docs, Lr, M], index)` of a finished Poly-z directory (numpy, `doc_ids` row order)."""
-    from jprag.lora.store import load_chunk
+    from jprag.lora.store import chunk_number, load_chunk
 
     root = pathlib.Path(root)
     index = read_index(root, Z_FORMAT)
@@ -131,7 +131,7 @@ def load_rows(root: str | pathlib.Path) -> tuple[np.ndarray, dict[str, Any]]:
     z = np.zeros((len(index["doc_ids"]), *row_shape), np.float32)
     for c, chunk in enumerate(index["chunks"]):
         rows = np.asarray(chunk["rows"], np.int64)
-        z[rows] = load_chunk(root, c, {"z": np.zeros((len(rows), *row_shape), np.float32)})["z"]
+        z[rows] = load_chunk(root, chunk_number(c, chunk), {"z": np.zeros((len(rows), *row_shape), np.float32)})["z"]
     return z, index
 
 

@@ -4,7 +4,8 @@ Documents are ordered by length before chunking so that a chunk's rows pad to si
 lengths, then each chunk of D documents (D a multiple of the mesh's `data` size) is trained
 with the stacked step for `epochs` passes over its PRAG samples (one sample per document per
 step, as the reference's batch size 1). After each chunk its rows are written to the bank
-directory and the index is updated; re-running with the same arguments skips finished chunks.
+directory and the index is updated; re-running with the same arguments skips finished chunks,
+and a run resumed on another mesh (or chunk size) re-plans only the unfinished rows.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jprag.lora.adapters import LoraConfig, init_bank
-from jprag.lora.store import FORMAT, BankError, lora_to_json, read_index, save_chunk, write_index
+from jprag.lora.store import FORMAT, BankError, chunk_number, lora_to_json, read_index, save_chunk, write_index
 from jprag.mesh import doc_shardings, make_mesh, pad_to_data, param_shardings
 from jprag.model.config import ModelConfig
 from jprag.train.recipe import Example, pack_step_batches
@@ -32,11 +33,36 @@ def bucket_length(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def plan_chunks(per_doc_examples: Sequence[Sequence[Example]], chunk_size: int) -> list[list[int]]:
-    """Row indices per chunk, longest documents first, so each chunk pads to similar lengths."""
+def plan_chunks(
+    per_doc_examples: Sequence[Sequence[Example]], chunk_size: int, rows: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Row indices per chunk (of `rows`, default all), longest documents first, so each chunk
+    pads to similar lengths."""
     total = [sum(len(e.tokens) for e in ex) for ex in per_doc_examples]
-    order = sorted(range(len(total)), key=lambda i: (-total[i], i))
+    order = sorted(range(len(total)) if rows is None else rows, key=lambda i: (-total[i], i))
     return [order[i : i + chunk_size] for i in range(0, len(order), chunk_size)]
+
+
+def resume_chunks(
+    old_chunks: Sequence[Mapping[str, Any]], per_doc_examples: Sequence[Sequence[Example]], chunk_size: int
+) -> list[dict[str, Any]]:
+    """The chunk list a resumed run works from: finished chunks as they were, the rows of the
+    unfinished ones planned again with this run's chunk size.
+
+    Re-planning is sound because a row's result does not depend on its chunk: rows train
+    independently (per-row optimizer state, no cross-row reduction) from an initialisation
+    keyed by the row's global index. So a run may resume on a mesh with another `data` size, or
+    with another chunk size, and lose no finished chunk. Each entry names its checkpoint
+    directory (`dir`); new chunks take the numbers no finished chunk holds, so an unchanged
+    plan keeps its numbering.
+    """
+    done = [dict(c, dir=chunk_number(i, c)) for i, c in enumerate(old_chunks) if c.get("done")]
+    done_rows = {r for c in done for r in c["rows"]}
+    todo = [r for r in range(len(per_doc_examples)) if r not in done_rows]
+    taken = {c["dir"] for c in done}
+    free = (n for n in range(len(old_chunks) + len(todo) + 1) if n not in taken)
+    new = [{"rows": rows, "done": False, "dir": next(free)} for rows in plan_chunks(per_doc_examples, chunk_size, todo)]
+    return sorted(done + new, key=lambda c: c["dir"])
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,7 +83,7 @@ def _new_index(doc_ids, lora, train, model_id, chunks, seed, shapes, extra) -> d
         "doc_ids": list(doc_ids),
         "shapes": shapes,
         "dtype": "float32",
-        "chunks": [{"rows": rows, "done": False} for rows in chunks],
+        "chunks": [{"rows": rows, "done": False, "dir": c} for c, rows in enumerate(chunks)],
         **extra,
     }
 
@@ -69,8 +95,6 @@ def _check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], root) -> No
                 f"{root}/index.json: field {field!r} differs from this run's; the directory holds "
                 "another encoding run (use a new output directory, or --overwrite)"
             )
-    if [c["rows"] for c in old["chunks"]] != [c["rows"] for c in new["chunks"]]:
-        raise BankError(f"{root}/index.json: the chunk plan differs (was --chunk-size changed?)")
 
 
 def encode_documents(
@@ -118,7 +142,7 @@ def encode_documents(
     if (root / "index.json").exists():
         old = read_index(root)
         _check_resumable(old, index, root)
-        index = old
+        index = dict(old, chunks=resume_chunks(old["chunks"], per_doc_examples, D))
     write_index(root, index)
 
     optimizer, step = _train_step(cfg, lora, train)
@@ -157,7 +181,7 @@ def encode_documents(
             n_tokens += int(batch["attn_mask"].sum())
             losses.append(loss)
         real = {t: {k: np.asarray(v)[: len(rows)] for k, v in ab.items()} for t, ab in bank.items()}
-        save_chunk(root, c, real)
+        save_chunk(root, index["chunks"][c]["dir"], real)
         final = np.asarray(losses[-1])[: len(rows)] if losses else np.zeros(0)
         seconds = time.perf_counter() - t0
         index["chunks"][c].update(done=True, seconds=seconds, tokens=n_tokens, final_loss=float(final.mean()))
