@@ -215,6 +215,11 @@ def test_resume_on_another_mesh_and_chunk_size(tmp_path, monkeypatch, params, co
     assert sorted(r for c in final["chunks"] for r in c["rows"]) == list(range(N_DOCS))
     _assert_banks_close(load_bank(out)[0], load_bank(reference)[0], atol=1e-5)
 
+    # Finished: a re-run (even on another chunk size) trains nothing and rewrites nothing.
+    stamp = (out / "index.json").stat().st_mtime_ns
+    assert _encode(params, corpus, mesh2, out, chunk_size=2) == final and saved == [1, 2]
+    assert (out / "index.json").stat().st_mtime_ns == stamp
+
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 1)])
 def test_restore_onto_another_mesh(reference, mesh_shape):
