@@ -80,10 +80,7 @@ def train_routing_rows(
         check_resumable(old, index, root, ("model", "doc_ids", "inventory", "length_multiple", "routing_shape"),
                         Z_FIELDS)
         index = dict(old, chunks=resume_chunks(old["chunks"], per_doc_examples, D))
-    else:
-        old = None
-    if index != old:  # a finished or unchanged run leaves its index (and its mtime) alone
-        write_index(root, index)
+    write_index(root, index)
 
     todo = [c for c, chunk in enumerate(index["chunks"]) if not chunk["done"]]
     if todo:

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from jprag.io import write_json_atomic
+from jprag.lora.store import write_index  # noqa: F401  (re-exported: one index writer for every store)
 from jprag.model.config import ModelConfig
 from jprag.poly.config import PolyConfig
 from jprag.poly.routing import inventory_shapes
@@ -42,11 +42,6 @@ INDEX = "index.json"
 
 class PolyStoreError(ValueError):
     """A Poly-PRAG directory is missing, unfinished or incompatible with the request."""
-
-
-def write_index(root: pathlib.Path, index: Mapping[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / INDEX, index, indent=1, sort_keys=True)
 
 
 def read_index(root: str | pathlib.Path, fmt: str) -> dict[str, Any]:

@@ -143,10 +143,7 @@ def encode_documents(
         old = read_index(root)
         _check_resumable(old, index, root)
         index = dict(old, chunks=resume_chunks(old["chunks"], per_doc_examples, D))
-    else:
-        old = None
-    if index != old:  # a finished or unchanged run leaves its index (and its mtime) alone
-        write_index(root, index)
+    write_index(root, index)
 
     optimizer, step = _train_step(cfg, lora, train)
     key = jax.random.key(seed)
