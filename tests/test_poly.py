@@ -4,6 +4,7 @@ validation. Tiny random llama, no tokenizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -170,6 +171,10 @@ def test_source_merges_topk_document_adapters(inventory):
                 want = want + POLY.scale * np.einsum("lir,lro->lio", m[t]["a"], m[t]["b"])
             got = np.einsum("lir,lro->lio", merged[t][0][q], merged[t][1][q])
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    mean = PolySource(dataclasses.replace(POLY, merge="mean"), [inventory, other], [z0, z1], doc_rows).adapters(ids_qk)
+    for t in POLY.targets:  # merge = "mean": the same documents' delta divided by k
+        got = np.einsum("qlir,qlro->qlio", *mean[t])
+        np.testing.assert_allclose(got, np.einsum("qlir,qlro->qlio", *merged[t]) / 3, rtol=1e-5, atol=1e-7)
     bank = src.document_bank(["c", "d"])
     again = merge_topk(bank, jnp.asarray([[1, 0]]), POLY.scale)
     direct = src.adapters([["d", "c"]])
@@ -196,7 +201,7 @@ def test_cross_fit_halves_are_disjoint_and_cover():
 @pytest.mark.parametrize("field, value, expected", [
     ("n_skills", 0, "integer >= 1"), ("rank", 1.5, "integer >= 1"), ("tau_end", 0.0, "> 0"),
     ("routing", "softmax", "one of"), ("targets", ("gate", "mlp"), "projections"), ("per_layer", "yes", "true or"),
-    ("weight_decay", -1.0, ">= 0"), ("batch_docs", True, "integer"),
+    ("weight_decay", -1.0, ">= 0"), ("batch_docs", True, "integer"), ("merge", "max", "one of"),
 ])
 def test_config_errors_name_the_field(field, value, expected):
     with pytest.raises(ValueError, match=rf"\[poly\] {field} must be .*{expected}"):

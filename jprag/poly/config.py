@@ -20,6 +20,11 @@ skills (they sum to 1). `routing="uniform"` replaces them by 1/M and trains only
 Mixing is merge-before: `A_d = Σ_m w_m A_m`, `B_d = Σ_m w_m B_m` per layer and target, and the
 document's delta is `(alpha / rank) · A_d B_d` — the ordinary LoRA scale, applied once to the
 mixed pair (a one-hot routing is exactly plain LoRA with that skill's factors).
+
+Answering. A question's adapter combines its top-k documents' mixed adapters like PRAG's
+(`merge = "sum"`, ΔW = Σ_i s·B_i A_i) or averages them (`merge = "mean"`, Σ/k). Every Poly-PRAG
+document is a mixture of one inventory, so the sum tends to k times one adapter; "mean" is the
+ablation. It changes answering only, never training.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 from jprag.lora.adapters import ALL_TARGETS, FFN_TARGETS, LoraConfig
 
 ROUTING_MODES = ("learned", "uniform")
+MERGE_MODES = ("sum", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +63,7 @@ class PolyConfig:
     # tokens (about 3.5 MB of activations per token for SmolLM2-135M in fp32).
     max_tokens_per_step: int = 2048
     checkpoint_every: int = 50  # joint training steps between resumable checkpoints
+    merge: str = "sum"  # answering: top-k documents' adapters summed (PRAG) or averaged ("mean")
     seed: int = 0
 
     def __post_init__(self):
@@ -82,6 +89,8 @@ class PolyConfig:
             fail("per_layer", "true or false")
         if self.routing not in ROUTING_MODES:
             fail("routing", f"one of {ROUTING_MODES}")
+        if self.merge not in MERGE_MODES:
+            fail("merge", f"one of {MERGE_MODES}")
         targets = self.targets
         if isinstance(targets, str) or not targets or any(t not in ALL_TARGETS for t in targets):
             fail("targets", f"a non-empty list of projections from {ALL_TARGETS}")

@@ -45,7 +45,6 @@ class PolySource:
     inventories: list[Inventory]
     z: list[jax.Array]
     doc_rows: Mapping[str, tuple[int, int]]
-    mode: str = "sum"
 
     def _check(self, doc_ids: Sequence[str]) -> None:
         missing = sorted({d for d in doc_ids if d not in self.doc_rows})
@@ -80,7 +79,7 @@ class PolySource:
         bank = self.document_bank(unique)
         pos = {d: k for k, d in enumerate(unique)}
         rows = jnp.asarray([[pos[d] for d in ids] for ids in doc_ids_qk], jnp.int32)
-        return merge_topk(bank, rows, self.poly.scale, self.mode)
+        return merge_topk(bank, rows, self.poly.scale, self.poly.merge)
 
     def storage(self) -> dict[str, int]:
         """fp32 bytes: one document's routing row, the inventories (shared) and the documents."""
