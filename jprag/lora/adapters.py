@@ -105,6 +105,8 @@ def applied(adapter: Mapping[str, Mapping[str, Array]], scale: float | Array) ->
     """Model-ready `{target: (a, scale·b)}` from raw factors (any leading axes)."""
     return {t: (ab["a"], ab["b"] * jnp.asarray(scale, ab["b"].dtype)) for t, ab in adapter.items()}
 
+MERGE_MODES = ("sum", "mean")  # how merge_topk combines a question's top-k adapters
+
 
 def merge_topk(bank: Bank, rows_qk: Array, scale: float, mode: str = "sum") -> dict[str, tuple[Array, Array]]:
     """Per-question adapters from their top-k documents, by rank concatenation.
@@ -112,7 +114,7 @@ def merge_topk(bank: Bank, rows_qk: Array, scale: float, mode: str = "sum") -> d
     rows_qk [questions, k] int; returns `{target: (a [q, L, in, k·r], b [q, L, k·r, out])}` with
     the scale folded into b. mode 'sum' is PRAG's ΔW = Σ_i s·B_i A_i; 'mean' divides by k.
     """
-    if mode not in ("sum", "mean"):
+    if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be 'sum' or 'mean', got {mode!r}")
     k = rows_qk.shape[-1]
     s = scale / k if mode == "mean" else scale

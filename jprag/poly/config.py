@@ -32,10 +32,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jprag.lora.adapters import ALL_TARGETS, FFN_TARGETS, LoraConfig
+from jprag.lora.adapters import ALL_TARGETS, FFN_TARGETS, MERGE_MODES, LoraConfig
 
 ROUTING_MODES = ("learned", "uniform")
-MERGE_MODES = ("sum", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
