@@ -7,8 +7,9 @@
     bank/         the PRAG adapter bank (resumable, see `jprag.train.encoder`)
     answers/      generated answers per method, appended batch by batch (`jprag.eval.cache`)
     predictions.jsonl   one line per (method, question): output, prediction, scores
-    results.json  {"model", "dataset", "methods": {name: {em, f1, has_answer, n, by_type, seconds}}}
-    results.md    the Markdown table printed at the end;  results.png  a bar chart
+    results.json  {"model", "dataset", "methods": {name: {em, f1, has_answer, n, by_type, seconds}},
+                   "significance": each method's F1 against vanilla's, paired bootstrap CI}
+    results.md    the Markdown tables printed at the end;  results.png  a bar chart
 
 Every step is cached in `out_dir`, so re-running the same command resumes where it stopped.
 """
@@ -271,6 +272,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     storage = {name: source_storage(src) for name, src in ctx.sources.items()}
     types = [q.type for q in questions]
     answers = [q.answers for q in questions]
+    f1_per_question: dict[str, list[float]] = {}  # method → [questions], for the paired comparison
     with open(out / "predictions.jsonl", "w") as pred_file:
         for name in cfg.methods:
             t0 = time.perf_counter()
@@ -283,18 +285,36 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
             if storage.get(METHODS[name].source):
                 res["storage"] = storage[METHODS[name].source]
             results["methods"][name] = res
-            for q, o, p in zip(questions, got.outputs, got.predictions):
+            f1_per_question[name] = [f1(p, q.answers) for q, p in zip(questions, got.predictions)]
+            for q, o, p, f in zip(questions, got.outputs, got.predictions, f1_per_question[name]):
                 pred_file.write(json.dumps({
                     "method": name, "id": q.id, "type": q.type, "question": q.question,
                     "answers": list(q.answers), "output": o, "prediction": p,
-                    "em": exact_match(p, q.answers), "f1": f1(p, q.answers), "has_answer": has_answer(o, q.answers),
+                    "em": exact_match(p, q.answers), "f1": f, "has_answer": has_answer(o, q.answers),
                 }) + "\n")
     results["seconds"] = time.perf_counter() - t_start
+    if len(f1_per_question) > 1 and questions:
+        results["significance"] = significance(f1_per_question, baseline_method(cfg.methods))
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = results_table(results)
     (out / "results.md").write_text(table + "\n")
     plot_results(results, out / "results.png")
     return results
+
+
+def baseline_method(methods: Sequence[str]) -> str:
+    """What the other methods are compared against: the plain model when it ran, else the first."""
+    return "vanilla" if "vanilla" in methods else methods[0]
+
+
+def significance(scores: Mapping[str, Sequence[float]], baseline: str, resamples: int = 10_000) -> dict[str, Any]:
+    """The `results.json` entry of the paired bootstrap of every method's per-question F1 against
+    `baseline` (`jprag.eval.significance`)."""
+    from jprag.eval.significance import compare_to_baseline
+
+    diffs = compare_to_baseline(scores, baseline, resamples=resamples)
+    return {"baseline": baseline, "metric": "f1", "resamples": resamples,
+            "methods": {m: d.to_json() for m, d in diffs.items()}}
 
 
 def answer_fingerprint(cfg: RunConfig, model: str, method: Method) -> str:
@@ -336,6 +356,13 @@ def results_table(results: Mapping[str, Any]) -> str:
             s = r.get("storage")
             row += f" {s['row_bytes'] / 1024:.1f} | {s['shared_bytes'] / 2**20:.1f} |" if s else " - | - |"
         rows.append(row)
+    sig = results.get("significance")
+    if sig and sig["methods"]:
+        from jprag.eval.significance import PairedDifference, comparison_table
+
+        diffs = {m: PairedDifference(**d) for m, d in sig["methods"].items()}
+        rows += ["", f"Paired bootstrap over questions ({sig['resamples']} resamples; * = the interval excludes 0):",
+                 "", comparison_table(diffs, sig["baseline"], sig["metric"])]
     return "\n".join(rows)
 
 

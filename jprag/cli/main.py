@@ -319,6 +319,24 @@ def _run_export_peft(args: argparse.Namespace) -> int:
     return run_export_peft(args)
 
 
+def _add_compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="DIR", help="output directory of `jprag run` / `jprag eval` "
+                        "(reads its predictions.jsonl)")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="method the others are compared against (default: vanilla if it ran, else the first)")
+    parser.add_argument("--metric", choices=("f1", "em", "has_answer"), default="f1", help="per-question score (default: f1)")
+    parser.add_argument("--resamples", type=_positive_int, default=10_000, help="bootstrap resamples (default: 10000)")
+    parser.add_argument("--level", type=_probability, default=0.95, help="confidence level (default: 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a Markdown table")
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from jprag.cli.run import run_compare
+
+    return run_compare(args)
+
+
 # --------------------------------------------------------------------------- DyPRAG translator
 
 
@@ -343,6 +361,8 @@ COMMANDS: list[Command] = [
             _add_demo_arguments, _run_demo),
     Command("eval", "answer a question set with each method and score it", _add_eval_arguments, _run_eval),
     Command("run", "run the pipeline from a config file", _add_run_arguments, _run_run),
+    Command("compare", "paired bootstrap: is each method's score on a run's questions better than the baseline's",
+            _add_compare_arguments, _run_compare),
     Command("index", "build and save a retrieval index (bm25 or dense)", _add_index_arguments, _run_index),
     Command("augment", "rewrite + generate QA pairs for passages with the model itself (cached)",
             _add_augment_arguments, _run_augment),

@@ -1,5 +1,5 @@
 """Handlers of the pipeline commands: `jprag demo`, `jprag run --config`, `jprag eval`,
-`jprag index` and `jprag augment`. `jprag.cli.main` defines their arguments.
+`jprag compare`, `jprag index` and `jprag augment`. `jprag.cli.main` defines their arguments.
 
 All of them go through `jprag.pipeline` (or its steps), so the demo, a config file and the flag
 form of `eval` run exactly the same code.
@@ -151,4 +151,22 @@ def run_augment(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out) / "documents.jsonl"
     write_documents_jsonl(docs, out)
     print(f"augmented {len(docs)} passages ({sum(1 for d in docs if d.qa)} with QA pairs) → {out}")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """`jprag compare DIR`: every method's per-question score against the baseline's."""
+    from jprag.eval.significance import compare_to_baseline, comparison_table, read_predictions
+    from jprag.pipeline import baseline_method
+
+    scores = read_predictions(pathlib.Path(args.run_dir) / "predictions.jsonl", args.metric)
+    if len(scores) < 2:
+        raise ValueError(f"{args.run_dir}: only one method ({next(iter(scores))!r}); nothing to compare")
+    baseline = args.baseline or baseline_method(list(scores))
+    diffs = compare_to_baseline(scores, baseline, resamples=args.resamples, level=args.level, seed=args.seed)
+    if args.json:
+        print(json.dumps({"baseline": baseline, "metric": args.metric, "methods": {m: d.to_json() for m, d in diffs.items()}},
+                         indent=1))
+    else:
+        print(comparison_table(diffs, baseline, args.metric))
     return 0
