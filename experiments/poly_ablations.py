@@ -8,17 +8,25 @@ pipeline run, so re-running the script only redoes what is missing.
 
     python experiments/poly_ablations.py [--config F.toml] [--out runs/poly_ablations]
                                          [--variants base,uniform,M1,M8,r1,r2,r8] [--epochs N]
+                                         [--merges sum,mean]
 
-Outputs in `--out`: ablations.json / ablations.md (one row per variant), routing_pca.png,
-storage.md, and each variant's own results (results.json, results.md, predictions.jsonl).
+Each variant is answered with every `--merges` mode (how a question's top-k documents' mixed
+adapters combine: PRAG's sum, or their mean). The merge mode is an answering setting only, so
+the modes share one trained inventory per variant; only the answers differ.
+
+Outputs in `--out`: ablations.json / ablations.md (one row per variant, a column pair per
+merge), routing_pca.png, storage.md, and each variant's own results per merge
+(results.<merge>.json, results.<merge>.md, predictions.<merge>.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import pathlib
+import shutil
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,20 +47,39 @@ VARIANTS: dict[str, dict] = {
 BASE_METHODS = ("prag", "poly-prag", "poly-z-prag")
 
 
-def variant_config(base: RunConfig, name: str, out: pathlib.Path, epochs: int | None) -> RunConfig:
-    poly = dataclasses.replace(base.poly, **VARIANTS[name], **({"epochs": epochs} if epochs else {}))
-    methods = BASE_METHODS if name == "base" else ("poly-prag",)
+def variant_config(base: RunConfig, name: str, out: pathlib.Path, epochs: int | None, merge: str,
+                   first: bool = True) -> RunConfig:
+    """The run of variant `name` answered with `merge`. PRAG does not depend on the Poly merge, so
+    it is answered once, in the first merge's run (`first`)."""
+    poly = dataclasses.replace(base.poly, **VARIANTS[name], **({"epochs": epochs} if epochs else {}), merge=merge)
+    methods = ("poly-prag",) if name != "base" else BASE_METHODS if first else BASE_METHODS[1:]
     return dataclasses.replace(base, poly=poly, methods=methods, out_dir=str(out / name))
 
 
-def ablation_table(rows: list[dict]) -> str:
-    lines = ["| variant | M | rank | routing | EM | F1 | has-answer | KiB/doc own | shared MiB | train s |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+def ablation_table(rows: list[dict], merges: list[str]) -> str:
+    """One line per variant (and reference method), an EM/F1 pair per merge mode."""
+    cols = " | ".join(f"EM {m} | F1 {m}" for m in merges)
+    lines = [f"| variant | M | rank | routing | {cols} | KiB/doc own | shared MiB | train s |",
+             "|---|---:|---:|---|" + "---:|" * (2 * len(merges)) + "---:|---:|---:|"]
+    by_variant: dict[str, dict[str, dict]] = {}
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['n_skills']} | {r['rank']} | {r['routing']} | {r['em']:.3f} "
-                     f"| {r['f1']:.3f} | {r['has_answer']:.3f} | {r['row_bytes'] / 1024:.2f} "
-                     f"| {r['shared_bytes'] / 2**20:.1f} | {r['train_seconds']:.0f} |")
+        by_variant.setdefault(r["variant"], {})[r["merge"]] = r
+    for variant, per_merge in by_variant.items():
+        r = next(iter(per_merge.values()))
+        scores = " | ".join(f"{per_merge[m]['em']:.3f} | {per_merge[m]['f1']:.3f}" if m in per_merge else "– | –"
+                            for m in merges)
+        lines.append(f"| {variant} | {r['n_skills']} | {r['rank']} | {r['routing']} | {scores} "
+                     f"| {r['row_bytes'] / 1024:.2f} | {r['shared_bytes'] / 2**20:.1f} | {r['train_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def keep_results(out_dir: pathlib.Path, merge: str) -> None:
+    """Copy a finished run's results under merge-specific names (the next merge's run of the same
+    directory overwrites results.json / results.md / predictions.jsonl)."""
+    for name, suffix in (("results", ".json"), ("results", ".md"), ("predictions", ".jsonl")):
+        src = out_dir / f"{name}{suffix}"
+        if src.exists():
+            shutil.copyfile(src, out_dir / f"{name}.{merge}{suffix}")
 
 
 def routing_pca(cfg: RunConfig, path: pathlib.Path) -> None:
@@ -144,45 +171,98 @@ def storage_table(cfg: RunConfig, variants: dict[str, RunConfig], n_run: int) ->
                                "(2 × shared).")
 
 
+def question_scores(path: pathlib.Path, method: str) -> dict[str, float]:
+    """Question id → F1 of `method` in a run's predictions file."""
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {str(r["id"]): float(r["f1"]) for r in rows if r["method"] == method}
+
+
+def difference_table(out: pathlib.Path, names: list[str], merges: list[str]) -> str:
+    """Paired bootstrap over questions: each variant's Poly-PRAG F1 minus the base variant's at
+    the same merge, and (first merge's run) PRAG's minus base Poly-PRAG's at every merge."""
+    from jprag.eval.significance import paired_bootstrap
+
+    lines = ["| comparison | merge | ΔF1 | 95% CI | wins / losses |", "|---|---|---:|---|---:|"]
+
+    def add(label, merge, a, b):
+        ids = sorted(set(a) & set(b))
+        d = paired_bootstrap([a[q] for q in ids], [b[q] for q in ids])
+        mark = " *" if d.significant else ""
+        lines.append(f"| {label} | {merge} | {d.mean:+.3f}{mark} | {d.low:+.3f} … {d.high:+.3f} | {d.wins} / {d.losses} |")
+
+    for merge in merges:
+        base = question_scores(out / "base" / f"predictions.{merge}.jsonl", "poly-prag")
+        for name in names:
+            if name != "base":
+                add(f"{name} − base", merge, question_scores(out / name / f"predictions.{merge}.jsonl", "poly-prag"),
+                    base)
+        prag = question_scores(out / "base" / f"predictions.{merges[0]}.jsonl", "prag")
+        add("base − PRAG", merge, base, prag)
+    return "\n".join(lines) + "\n\n`*`: the 95% interval excludes 0."
+
+
+def stage_seconds(out_dir: pathlib.Path, timings: dict[str, float]) -> dict[str, float]:
+    """The seconds each adapter source took to build, kept across re-runs in `stage_seconds.json`:
+    a re-run loads the trained adapters in seconds, so the longest time seen is the training."""
+    path = out_dir / "stage_seconds.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    for key, value in timings.items():
+        kept[key] = max(float(value), kept.get(key, 0.0))
+    path.write_text(json.dumps(kept, indent=1))
+    return collections.defaultdict(float, kept)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(REPO / "experiments" / "poly_ablations.toml"))
     ap.add_argument("--out", default="runs/poly_ablations")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma separated subset of {list(VARIANTS)}")
     ap.add_argument("--epochs", type=int, default=None, help="override [poly] epochs for every variant")
+    ap.add_argument("--merges", default="sum,mean", help="comma separated answering merge modes (sum, mean)")
     args = ap.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in names if v not in VARIANTS]
     if bad or not names:
         sys.exit(f"--variants: unknown {bad}; known: {list(VARIANTS)}")
+    merges = [m.strip() for m in args.merges.split(",") if m.strip()]
+    if not merges or any(m not in ("sum", "mean") for m in merges):
+        sys.exit(f"--merges: expected a comma separated subset of sum,mean, got {args.merges!r}")
     base = RunConfig.from_file(args.config)
     out = pathlib.Path(args.out)
-    configs = {name: variant_config(base, name, out, args.epochs) for name in names}
+    configs = {name: variant_config(base, name, out, args.epochs, merges[0]) for name in names}
 
-    rows, n_docs = [], 0
-    for name, cfg in configs.items():
-        print(f"[ablation] {name}: {VARIANTS[name] or 'defaults'} → {cfg.out_dir}", file=sys.stderr, flush=True)
-        res = run(cfg)
-        r = res["methods"]["poly-prag"]
-        n_docs = r["storage"]["n_docs"]
-        rows.append({"variant": name, "n_skills": cfg.poly.n_skills, "rank": cfg.poly.rank,
-                     "routing": cfg.poly.routing, "em": r["em"], "f1": r["f1"], "has_answer": r["has_answer"],
-                     "row_bytes": r["storage"]["row_bytes"], "shared_bytes": r["storage"]["shared_bytes"],
-                     "train_seconds": res["timings"].get("build poly", 0.0), "by_type": r["by_type"]})
-        if name == "base":
-            for m in ("prag", "poly-z-prag"):
+    rows, n_docs, prag_row = [], 0, None
+    for name in names:
+        for k, merge in enumerate(merges):
+            cfg = variant_config(base, name, out, args.epochs, merge, first=k == 0)
+            print(f"[ablation] {name}: {VARIANTS[name] or 'defaults'}, merge {merge} → {cfg.out_dir}",
+                  file=sys.stderr, flush=True)
+            res = run(cfg)
+            keep_results(pathlib.Path(cfg.out_dir), merge)
+            seconds = stage_seconds(pathlib.Path(cfg.out_dir), res["timings"])
+            r = res["methods"]["poly-prag"]
+            n_docs = r["storage"]["n_docs"]
+            rows.append({"variant": name, "merge": merge, "n_skills": cfg.poly.n_skills, "rank": cfg.poly.rank,
+                         "routing": cfg.poly.routing, "em": r["em"], "f1": r["f1"], "has_answer": r["has_answer"],
+                         "row_bytes": r["storage"]["row_bytes"], "shared_bytes": r["storage"]["shared_bytes"],
+                         "train_seconds": seconds["build poly"], "by_type": r["by_type"]})
+            if name != "base":
+                continue
+            for m in ("prag", "poly-z-prag") if k == 0 else ("poly-z-prag",):
                 b = res["methods"][m]
-                rows.append({"variant": f"base: {m} (reference)",
+                rows.append({"variant": f"base: {m} (reference)", "merge": merge if m != "prag" else "sum",
                              "n_skills": cfg.poly.n_skills if m != "prag" else "-",
                              "rank": cfg.poly.rank if m != "prag" else cfg.lora.rank,
                              "routing": "learned, frozen inventory" if m != "prag" else "-",
                              "em": b["em"], "f1": b["f1"], "has_answer": b["has_answer"],
                              "row_bytes": b["storage"]["row_bytes"], "shared_bytes": b["storage"]["shared_bytes"],
-                             "train_seconds": res["timings"].get("encode" if m == "prag" else "build poly-z", 0.0),
+                             "train_seconds": seconds["encode" if m == "prag" else "build poly-z"],
                              "by_type": b["by_type"]})
     out.mkdir(parents=True, exist_ok=True)
-    table = ablation_table(rows)
+    table = ablation_table(rows, merges)
     (out / "ablations.json").write_text(json.dumps(rows, indent=1))
+    if "base" in names:
+        table += "\n\n" + difference_table(out, names, merges)
     (out / "ablations.md").write_text(table + "\n")
     print("\n" + table)
     if "base" in configs and configs["base"].poly.routing == "learned":

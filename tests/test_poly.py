@@ -185,6 +185,9 @@ def test_source_merges_topk_document_adapters(inventory):
     storage = src.storage()
     assert storage["row_bytes"] == 2 * POLY.n_skills * 4 and storage["n_docs"] == 5
     assert storage["shared_bytes"] == 2 * 4 * sum(x.size for x in jax.tree.leaves(inventory))
+    # uniform routing ignores the rows: a document adds nothing, the inventories are the same
+    uniform = PolySource(dataclasses.replace(POLY, routing="uniform"), [inventory, other], [z0, z1], doc_rows)
+    assert uniform.storage() == {**storage, "row_bytes": 0}
 
 
 def test_cross_fit_halves_are_disjoint_and_cover():

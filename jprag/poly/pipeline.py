@@ -82,8 +82,9 @@ class PolySource:
         return merge_topk(bank, rows, self.poly.scale, self.poly.merge)
 
     def storage(self) -> dict[str, int]:
-        """fp32 bytes: one document's routing row, the inventories (shared) and the documents."""
-        row = int(np.prod(self.z[0].shape[1:])) * 4
+        """fp32 bytes: one document's routing row (none under uniform routing, which ignores the
+        rows), the inventories (shared) and the documents."""
+        row = 0 if self.poly.routing == "uniform" else int(np.prod(self.z[0].shape[1:])) * 4
         shared = sum(int(x.size) * 4 for inv in self.inventories for x in jax.tree.leaves(inv))
         return {"row_bytes": row, "shared_bytes": shared, "n_docs": len(self.doc_rows)}
 
