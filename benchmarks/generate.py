@@ -5,6 +5,13 @@ decoding of exactly `--new-tokens` tokens (stop tokens disabled) on the same cha
 report generated tokens per second after one warm-up call (jprag's compile time is reported
 separately). Prints a JSON object and a Markdown table.
 
+Each row also carries the memory-bandwidth ceiling of decoding: every decode step reads all
+fp32 weights (540 MB for SmolLM2-135M) and the KV cache once, so no implementation decodes
+faster than `batch / ((weight bytes + cache bytes) / read bandwidth)` tokens/s, with the
+bandwidth measured here (a jitted sum over 1 GiB). `jprag / ceiling` says how far the
+decode loop is from that bound; `ceiling / transformers` the best ratio any implementation
+could reach against this transformers on this machine.
+
     python benchmarks/generate.py [--model PATH.gguf] [--batch-sizes 1 16] [--new-tokens 64]
 """
 
@@ -39,6 +46,30 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes/s of streaming `nbytes` of fp32 from memory (a jitted sum; the best of `repeats`)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    return nbytes / timed(lambda: f(x).block_until_ready(), repeats)
+
+
+def decode_ceiling(cfg, params, batch: int, prompt_len: int, new_tokens: int, bandwidth: float) -> float:
+    """Tokens/s upper bound of decoding: each step reads every weight and the whole KV cache (the
+    bucketed slots jprag allocates) once. Prefill and compute are ignored, so it is optimistic."""
+    import jax
+
+    from jprag.model.generate import bucket, bucket_length
+
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    slots = bucket_length(prompt_len) + bucket(new_tokens, minimum=16)
+    cache = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * slots * 4
+    return batch * bandwidth / (weights + cache)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file (default: embedded SmolLM2-135M-Instruct)")
@@ -59,7 +90,9 @@ def main(argv=None) -> dict:
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     hf.eval()
 
-    results = {"model": str(path.name), "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(), "rows": []}
+    bandwidth = read_bandwidth()
+    results = {"model": str(path.name), "new_tokens": args.new_tokens, "cpu_count": os.cpu_count(),
+               "read_bandwidth_GBps": bandwidth / 1e9, "rows": []}
     for bs in args.batch_sizes:
         prompts = [lm.chat_tokens(PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
 
@@ -86,20 +119,27 @@ def main(argv=None) -> dict:
         run_hf()
         hf_s = timed(run_hf, args.repeats)
         n = bs * args.new_tokens
+        ceiling = decode_ceiling(lm.cfg, lm.params, bs, width, args.new_tokens, bandwidth)
         results["rows"].append({
             "batch": bs,
             "jprag_tokens_per_s": n / jprag_s,
             "transformers_tokens_per_s": n / hf_s,
             "ratio": hf_s / jprag_s,
             "jprag_first_call_s": compile_s,
+            "bandwidth_ceiling_tokens_per_s": ceiling,
+            "jprag_fraction_of_ceiling": n / jprag_s / ceiling,
+            "ceiling_ratio": ceiling * hf_s / n,  # the best ratio any implementation could reach
         })
 
     print(json.dumps(results, indent=2))
-    print("\n| batch | jprag tok/s | transformers tok/s | ratio | jprag first call (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print("\n| batch | jprag tok/s | transformers tok/s | ratio | bandwidth ceiling tok/s | jprag / ceiling "
+          "| ceiling / transformers | jprag first call (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["rows"]:
         print(f"| {r['batch']} | {r['jprag_tokens_per_s']:.1f} | {r['transformers_tokens_per_s']:.1f} "
-              f"| {r['ratio']:.2f}x | {r['jprag_first_call_s']:.1f} |")
+              f"| {r['ratio']:.2f}x | {r['bandwidth_ceiling_tokens_per_s']:.1f} | {r['jprag_fraction_of_ceiling']:.0%} "
+              f"| {r['ceiling_ratio']:.2f}x | {r['jprag_first_call_s']:.1f} |")
     return results
 
 
