@@ -32,6 +32,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jprag.lora.adapters import MERGE_MODES  # noqa: E402
 from jprag.pipeline import RunConfig, run  # noqa: E402
 
 # name → [poly] overrides; the defaults (M = 20, rank 4, learned routing) are "base".
@@ -225,13 +226,13 @@ def main(argv=None) -> None:
     if bad or not names:
         sys.exit(f"--variants: unknown {bad}; known: {list(VARIANTS)}")
     merges = [m.strip() for m in args.merges.split(",") if m.strip()]
-    if not merges or any(m not in ("sum", "mean") for m in merges):
-        sys.exit(f"--merges: expected a comma separated subset of sum,mean, got {args.merges!r}")
+    if not merges or any(m not in MERGE_MODES for m in merges):
+        sys.exit(f"--merges: expected a comma separated subset of {','.join(MERGE_MODES)}, got {args.merges!r}")
     base = RunConfig.from_file(args.config)
     out = pathlib.Path(args.out)
     configs = {name: variant_config(base, name, out, args.epochs, merges[0]) for name in names}
 
-    rows, n_docs, prag_row = [], 0, None
+    rows, n_docs = [], 0
     for name in names:
         for k, merge in enumerate(merges):
             cfg = variant_config(base, name, out, args.epochs, merge, first=k == 0)

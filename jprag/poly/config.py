@@ -104,6 +104,12 @@ class PolyConfig:
     def scale(self) -> float:
         return self.lora.scale
 
+    @property
+    def has_rows(self) -> bool:
+        """Whether a document's routing row is a parameter (uniform routing ignores the rows,
+        so a document then stores nothing of its own)."""
+        return self.routing != "uniform"
+
     def routing_layers(self, n_layers: int) -> int:
         """Rows of a document's routing logits: `n_layers` (per layer) or 1 (shared)."""
         return n_layers if self.per_layer else 1

@@ -84,7 +84,7 @@ class PolySource:
     def storage(self) -> dict[str, int]:
         """fp32 bytes: one document's routing row (none under uniform routing, which ignores the
         rows), the inventories (shared) and the documents."""
-        row = 0 if self.poly.routing == "uniform" else int(np.prod(self.z[0].shape[1:])) * 4
+        row = int(np.prod(self.z[0].shape[1:])) * 4 if self.poly.has_rows else 0
         shared = sum(int(x.size) * 4 for inv in self.inventories for x in jax.tree.leaves(inv))
         return {"row_bytes": row, "shared_bytes": shared, "n_docs": len(self.doc_rows)}
 

@@ -145,6 +145,6 @@ def fingerprint(inventory: Mapping[str, Mapping[str, Any]]) -> str:
 def storage_bytes(cfg: ModelConfig, poly: PolyConfig, itemsize: int = 4) -> dict[str, int]:
     """Bytes of one document's routing row and of the shared inventory (`itemsize` 4 = fp32).
     Uniform routing (1/M for every document) has no per-document parameters: 0 bytes a row."""
-    row = 0 if poly.routing == "uniform" else poly.routing_layers(cfg.n_layers) * poly.n_skills * itemsize
+    row = poly.routing_layers(cfg.n_layers) * poly.n_skills * itemsize if poly.has_rows else 0
     shared = sum(math.prod(s) for ab in inventory_shapes(cfg, poly).values() for s in ab.values()) * itemsize
     return {"row_bytes": row, "shared_bytes": shared}
