@@ -62,12 +62,13 @@ def decode_ceiling(cfg, params, batch: int, prompt_len: int, new_tokens: int, ba
     bucketed slots jprag allocates) once. Prefill and compute are ignored, so it is optimistic."""
     import jax
 
-    from jprag.model.generate import bucket, bucket_length
+    from jprag.model.generate import program_shape
+    from jprag.model.transformer import KVCache
 
-    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    slots = bucket_length(prompt_len) + bucket(new_tokens, minimum=16)
-    cache = 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * slots * 4
-    return batch * bandwidth / (weights + cache)
+    _, P, max_new = program_shape(batch, prompt_len, new_tokens)
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, P + max_new))  # shapes only, nothing allocated
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    return batch * bandwidth / (nbytes(params) + nbytes((cache.k, cache.v)))
 
 
 def main(argv=None) -> dict:

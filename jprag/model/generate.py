@@ -59,6 +59,12 @@ def bucket(n: int, minimum: int = 8) -> int:
     return max(minimum, 1 << max(0, int(n - 1).bit_length()))
 
 
+def program_shape(n_prompts: int, longest: int, max_new_tokens: int) -> tuple[int, int, int]:
+    """The bucketed `(batch, prompt length, new tokens)` that `generate` compiles for a request;
+    its KV cache holds `prompt length + new tokens` slots per row."""
+    return bucket(n_prompts, minimum=1), bucket_length(longest), bucket(max_new_tokens, minimum=16)
+
+
 def argmax_first(logits_bv: Array) -> Array:
     """`argmax` over the last axis (first index among ties) as two plain reductions.
 
@@ -212,9 +218,8 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     n = len(prompts)
-    B = bucket(n, minimum=1)
-    P = bucket_length(max(len(p) for p in prompts))
     longest = max(len(p) for p in prompts)
+    B, P, max_new = program_shape(n, longest, max_new_tokens)
     if longest + max_new_tokens > cfg.max_position:  # positions are per row: bucket padding does not count
         raise ValueError(
             f"prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
@@ -241,7 +246,7 @@ def generate(
         max(sampling.temperature, 1e-6),
         sampling.top_p,
         max_new_tokens,
-        max_new=bucket(max_new_tokens, minimum=16),
+        max_new=max_new,
         mode=sampling.mode,
     )
     out = np.asarray(out)[:n, :max_new_tokens]
