@@ -114,3 +114,23 @@ def test_chat_generate_answers(lm):
 
     (answer,) = chat_generate(["What is the capital of France?"], max_new_tokens=16)
     assert "Paris" in answer, answer
+
+
+def test_bfloat16_weights_follow_float32(lm):
+    """`load(weight_dtype="bfloat16")`: the weight matrices take half the bytes, and the long
+    prompt's next-token predictions agree with the float32 model's at nearly every position."""
+    import jax
+
+    from jprag.model.chat import load
+    from jprag.model.transformer import forward
+
+    lm16 = load(None, weight_dtype="bfloat16")
+    nbytes = lambda p: sum(x.nbytes for x in jax.tree.leaves(p))  # noqa: E731
+    assert nbytes(lm16.params) < 0.51 * nbytes(lm.params)
+    ids = jnp.asarray([lm.chat_tokens(LONG_USER)], jnp.int32)
+    pos = jnp.arange(ids.shape[1])[None]
+    f32 = np.asarray(forward(lm.cfg, lm.params, ids, pos)[0])[0]
+    b16 = np.asarray(forward(lm16.cfg, lm16.params, ids, pos)[0])[0]
+    agree = np.mean(f32.argmax(-1) == b16.argmax(-1))
+    assert agree >= 0.9, f"bf16-weight top-1 agrees with float32 at {agree:.1%} of positions"
+    assert 0 < np.abs(f32 - b16).max() < 0.1 * np.abs(f32).max()

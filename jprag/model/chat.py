@@ -54,24 +54,28 @@ class LoadedModel:
         return list(self.tokenizer(((system + "\n\n") if system else "") + user)["input_ids"])
 
 
-def load(path: str | None = None, dtype: str = "float32") -> LoadedModel:
+def load(path: str | None = None, dtype: str = "float32", weight_dtype: str | None = None) -> LoadedModel:
     """Load weights (HF directory or GGUF; None = the embedded default) and the tokenizer.
 
-    Cached per (resolved path, dtype): repeated calls return the same device-resident model.
+    `dtype` is the compute dtype; `weight_dtype` (e.g. "bfloat16") stores the weight matrices
+    in that dtype and runs their matmuls on it with float32 accumulation (`ModelConfig`).
+    Cached per (resolved path, dtype, weight_dtype): repeated calls return the same
+    device-resident model.
     """
     from jprag.model.weights import default_model_path
 
     resolved = str(pathlib.Path(path).resolve()) if path is not None else str(default_model_path())
-    return _load(resolved, dtype)
+    return _load(resolved, dtype, weight_dtype)
 
 
 @functools.lru_cache(maxsize=2)
-def _load(path: str, dtype: str) -> LoadedModel:
+def _load(path: str, dtype: str, weight_dtype: str | None) -> LoadedModel:
+    from jprag.model.params import cast_weights
     from jprag.model.weights import load_model, load_tokenizer
 
     cfg, params = load_model(path)
-    cfg = cfg.replace(dtype=dtype)
-    params = jax.device_put(params)
+    cfg = cfg.replace(dtype=dtype, weight_dtype=weight_dtype)
+    params = jax.device_put(cast_weights(cfg, params))
     tokenizer = load_tokenizer(path)
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}")

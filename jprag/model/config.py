@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters stay as loaded
+    # Storage dtype of the frozen weight matrices (projections, embedding, head) and the dtype
+    # their matmuls take operands in, accumulating in float32 and returning `dtype`; None =
+    # `dtype`. "bfloat16" halves weight memory and the bytes each decode step streams.
+    weight_dtype: str | None = None
     remat: bool = False  # rematerialise each layer in the backward pass
 
     def __post_init__(self):
@@ -120,6 +125,10 @@ class ModelConfig:
             raise ConfigError(f"layer_types must be 'full' or 'sliding', got {self.layer_types}")
         if "sliding" in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding layers need a sliding_window size")
+        for field in ("dtype", "weight_dtype"):
+            value = getattr(self, field)
+            if value is not None and value not in FLOAT_DTYPES:
+                raise ConfigError(f"{field} must be one of {FLOAT_DTYPES}, got {value!r}")
         if self.activation not in ("silu", "gelu_tanh"):
             raise ConfigError(f"activation {self.activation!r} is not supported (silu, gelu_tanh)")
 
@@ -141,6 +150,11 @@ class ModelConfig:
         if not self.layer_types:
             return np.zeros((self.n_layers,), bool)
         return np.array([t == "sliding" for t in self.layer_types])
+
+    @property
+    def matmul_dtype(self) -> str | None:
+        """Operand dtype of the weight matmuls when it differs from the compute dtype, else None."""
+        return self.weight_dtype if self.weight_dtype not in (None, self.dtype) else None
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)

@@ -53,6 +53,31 @@ def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
     return shapes
 
 
+def weight_matrix_names(cfg: ModelConfig) -> tuple[set[str], set[str]]:
+    """(top-level, per-layer) names of the weight matrices `ModelConfig.weight_dtype` applies to;
+    norms and biases are not among them (they stay in float32)."""
+    top = {"embed"} if cfg.tie_embeddings else {"embed", "lm_head"}
+    return top, set(cfg.projection_shapes())
+
+
+def cast_weights(cfg: ModelConfig, params: Mapping[str, Any]) -> Params:
+    """`params` with the weight matrices stored in `cfg.weight_dtype` (unchanged when None).
+
+    Works on numpy and JAX arrays alike; casting before `device_put` means the full-precision
+    copy never reaches the device.
+    """
+    if cfg.weight_dtype is None:
+        return dict(params)
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+
+    dtype = np.dtype(cfg.weight_dtype)
+    top, per_layer = weight_matrix_names(cfg)
+    cast = lambda x: x.astype(dtype)  # noqa: E731
+    out = {k: cast(v) if k in top else v for k, v in params.items()}
+    out["layers"] = {k: cast(v) if k in per_layer else v for k, v in params["layers"].items()}
+    return out
+
+
 def validate_params(cfg: ModelConfig, params: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Raise `WeightsError` naming every missing, unexpected or mis-shaped tensor."""
     problems: list[str] = []

@@ -26,6 +26,7 @@ Conventions
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -103,9 +104,32 @@ def apply_rope(x_bthd: Array, cos_btf: Array, sin_btf: Array) -> Array:
     return out.astype(x_bthd.dtype)
 
 
-def project(x_bsi: Array, w_io: Array, lora: tuple[Array, Array] | None, bias_o: Array | None = None) -> Array:
-    """`x @ W (+ bias) (+ (x @ a) @ b)` for one layer; `a`, `b` shared or per row."""
-    y_bso = jnp.einsum("bsi,io->bso", x_bsi, w_io.astype(x_bsi.dtype))
+def weight_matmul(spec: str, x: Array, w: Array, matmul_dtype: str | None = None) -> Array:
+    """`einsum(spec, x, w)` with a frozen weight `w`, returned in x's dtype.
+
+    `matmul_dtype` (`ModelConfig.matmul_dtype`): both operands in that dtype, products
+    accumulated in x's dtype (`preferred_element_type`), as MXU/tensor-core matmuls do — not a
+    low-precision output rounded back up. None: operands in x's dtype.
+    """
+    if matmul_dtype is None:
+        return jnp.einsum(spec, x, w.astype(x.dtype))
+    md = jnp.dtype(matmul_dtype)
+    return jnp.einsum(spec, x.astype(md), w.astype(md), preferred_element_type=x.dtype)
+
+
+def project(
+    x_bsi: Array,
+    w_io: Array,
+    lora: tuple[Array, Array] | None,
+    bias_o: Array | None = None,
+    matmul_dtype: str | None = None,
+) -> Array:
+    """`x @ W (+ bias) (+ (x @ a) @ b)` for one layer; `a`, `b` shared or per row.
+
+    The LoRA path stays in x's dtype whatever `matmul_dtype` (see `weight_matmul`) says: the
+    adapters are small, trained and summed over documents, so they keep full precision.
+    """
+    y_bso = weight_matmul("bsi,io->bso", x_bsi, w_io, matmul_dtype)
     if bias_o is not None:
         y_bso = y_bso + bias_o.astype(y_bso.dtype)
     if lora is not None:
@@ -228,18 +252,19 @@ class Block(nn.Module):
         p = {name: self._param(name, shape) for name, shape in shapes.items()}
         lora = layer["adapters"] or {}
         norm = lambda h, w: rms_norm(h, w, cfg.norm_eps, cfg.norm_plus_one)  # noqa: E731
+        proj = functools.partial(project, matmul_dtype=cfg.matmul_dtype)
         B, T, _ = x_btd.shape
 
         # --- attention -------------------------------------------------------------
         h = norm(x_btd, p["attn_norm"])
         if self.fused:
-            qkv = project(h, p["qkv"], None, p.get("qkv_bias"))
+            qkv = proj(h, p["qkv"], None, p.get("qkv_bias"))
             q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
             q, k, v = (_plus_lora(y, h, lora.get(n)) for y, n in ((q, "q"), (k, "k"), (v, "v")))
         else:
-            q = project(h, p["q"], lora.get("q"), p.get("q_bias"))
-            k = project(h, p["k"], lora.get("k"), p.get("k_bias"))
-            v = project(h, p["v"], lora.get("v"), p.get("v_bias"))
+            q = proj(h, p["q"], lora.get("q"), p.get("q_bias"))
+            k = proj(h, p["k"], lora.get("k"), p.get("k_bias"))
+            v = proj(h, p["v"], lora.get("v"), p.get("v_bias"))
         q = q.reshape(B, T, cfg.n_heads, cfg.head_dim)
         k = k.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
@@ -284,7 +309,7 @@ class Block(nn.Module):
             attn = attn.reshape(B, T, cfg.q_dim)  # [b, k, g, h] → [b, 1, k·g·h]
         else:
             attn = jnp.einsum("bkgts,bksh->btkgh", probs, v_all.astype(x_btd.dtype)).reshape(B, T, cfg.q_dim)
-        out = project(attn, p["o"], lora.get("o"))
+        out = proj(attn, p["o"], lora.get("o"))
         if cfg.sandwich_norms:
             out = norm(out, p["post_attn_norm"])
         x_btd = x_btd + out
@@ -292,12 +317,12 @@ class Block(nn.Module):
         # --- feed-forward ------------------------------------------------------------
         h = norm(x_btd, p["ffn_norm"])
         if self.fused:
-            gate, up = jnp.split(project(h, p["gate_up"], None), 2, axis=-1)
+            gate, up = jnp.split(proj(h, p["gate_up"], None), 2, axis=-1)
             gate, up = _plus_lora(gate, h, lora.get("gate")), _plus_lora(up, h, lora.get("up"))
         else:
-            gate, up = project(h, p["gate"], lora.get("gate")), project(h, p["up"], lora.get("up"))
+            gate, up = proj(h, p["gate"], lora.get("gate")), proj(h, p["up"], lora.get("up"))
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        out = project(act * up, p["down"], lora.get("down"))
+        out = proj(act * up, p["down"], lora.get("down"))
         if cfg.sandwich_norms:
             out = norm(out, p["post_ffn_norm"])
         return x_btd + out, new_cache
@@ -413,9 +438,9 @@ class Transformer(nn.Module):
 def lm_head(cfg: ModelConfig, params: Mapping[str, Any], x_btd: Array) -> Array:
     """float32 logits [..., vocab] from final-norm hidden states (tied or untied head, softcap)."""
     if cfg.tie_embeddings:
-        logits = jnp.einsum("...d,vd->...v", x_btd, params["embed"].astype(x_btd.dtype))
+        logits = weight_matmul("...d,vd->...v", x_btd, params["embed"], cfg.matmul_dtype)
     else:
-        logits = jnp.einsum("...d,dv->...v", x_btd, params["lm_head"].astype(x_btd.dtype))
+        logits = weight_matmul("...d,dv->...v", x_btd, params["lm_head"], cfg.matmul_dtype)
     logits = logits.astype(jnp.float32)
     if cfg.final_logit_softcap:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
@@ -497,6 +522,7 @@ __all__ = [
     "rms_norm",
     "apply_rope",
     "project",
+    "weight_matmul",
     "lora_delta",
     "attention_mask",
 ]

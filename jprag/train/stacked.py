@@ -21,7 +21,7 @@ import optax
 from jprag.lora.adapters import Bank, LoraConfig, applied
 from jprag.mesh import doc_sharding, doc_shardings, param_shardings
 from jprag.model.config import ModelConfig
-from jprag.model.transformer import forward, lm_head, positions_from_mask
+from jprag.model.transformer import forward, lm_head, positions_from_mask, weight_matmul
 
 Array = jax.Array
 
@@ -65,7 +65,7 @@ def _head_matrix(cfg: ModelConfig, params) -> tuple[Array, str]:
 def _nll_fwd(cfg: ModelConfig, w, h_cd: Array, t_c: Array):
     """Next-token NLL of one chunk of rows, and the residuals its backward pass needs."""
     w_mat, spec = _head_matrix(cfg, {"embed": w, "lm_head": w})
-    z_cv = jnp.einsum(spec, h_cd, w_mat.astype(h_cd.dtype)).astype(jnp.float32)
+    z_cv = weight_matmul(spec, h_cd, w_mat, cfg.matmul_dtype).astype(jnp.float32)
     cap = cfg.final_logit_softcap
     th_cv = jnp.tanh(z_cv / cap) if cap else None
     logits_cv = th_cv * cap if cap else z_cv
@@ -96,10 +96,8 @@ def _nll_bwd(cfg: ModelConfig, res, g_c: Array):
     dz_cv = (p_cv - onehot_cv.astype(p_cv.dtype)) * g_c[:, None]
     if th_cv is not None:
         dz_cv = dz_cv * (1.0 - th_cv * th_cv)
-    if cfg.tie_embeddings:
-        dh_cd = jnp.einsum("cv,vd->cd", dz_cv.astype(h_cd.dtype), w.astype(h_cd.dtype))
-    else:
-        dh_cd = jnp.einsum("cv,dv->cd", dz_cv.astype(h_cd.dtype), w.astype(h_cd.dtype))
+    spec = "cv,vd->cd" if cfg.tie_embeddings else "cv,dv->cd"
+    dh_cd = weight_matmul(spec, dz_cv.astype(h_cd.dtype), w, cfg.matmul_dtype)
     return jnp.zeros_like(w), dh_cd, None
 
 
