@@ -109,8 +109,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     dtype: str = "float32"  # compute dtype; parameters stay as loaded
     # Storage dtype of the frozen weight matrices (projections, embedding, head) and the dtype
-    # their matmuls take operands in, accumulating in float32 and returning `dtype`; None =
-    # `dtype`. "bfloat16" halves weight memory and the bytes each decode step streams.
+    # their matmuls take operands in; products accumulate in, and return, the compute `dtype`
+    # (`transformer.weight_matmul`). None = `dtype`. "bfloat16" with float32 compute halves
+    # weight memory and the bytes each decode step streams.
     weight_dtype: str | None = None
     remat: bool = False  # rematerialise each layer in the backward pass
 

@@ -22,6 +22,9 @@ Conventions
   every row, `a [batch, layers, in, r]` + `b [batch, layers, r, out]` one adapter per row. The
   LoRA scale is folded into `b` by the caller, so merging k adapters is rank concatenation.
   `W + ab` is never formed: `y = x @ W + (x @ a) @ b`.
+- `cfg.weight_dtype` (e.g. bfloat16, weights cast by `params.cast_weights`): `x @ W` takes
+  both operands in that dtype and accumulates in the compute dtype (`weight_matmul`); the
+  residual stream, norms, attention, LoRA path and logits stay in the compute dtype.
 """
 
 from __future__ import annotations
