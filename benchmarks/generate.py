@@ -35,10 +35,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-# jprag weight dtype -> the torch dtype transformers runs in. With bfloat16 jprag keeps
-# activations in float32 and only the matmul operands in bf16 (ModelConfig.weight_dtype);
-# transformers' bfloat16 is bf16 throughout — the cheaper of the two.
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+# jprag's weight dtypes; transformers runs in the torch dtype of the same name. With bfloat16
+# jprag keeps activations in float32 and only the matmul operands in bf16
+# (ModelConfig.weight_dtype); transformers' bfloat16 is bf16 throughout — the cheaper of the two.
+WEIGHT_DTYPES = ("float32", "bfloat16")
 
 PROMPTS = [
     "Write a short paragraph about the history of the bicycle.",
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--weight-dtypes", nargs="+", choices=list(TORCH_DTYPES), default=list(TORCH_DTYPES),
+    ap.add_argument("--weight-dtypes", nargs="+", choices=WEIGHT_DTYPES, default=list(WEIGHT_DTYPES),
                     help="jprag weight dtypes to run; transformers runs in the same dtype")
     args = ap.parse_args(argv)
 
@@ -102,13 +102,12 @@ def main(argv=None) -> dict:
     bandwidth = read_bandwidth()
     results = {"new_tokens": args.new_tokens, "cpu_count": os.cpu_count(),
                "read_bandwidth_GBps": bandwidth / 1e9, "rows": []}
-    hf_fp32_s: dict[int, float] = {}  # batch -> transformers float32 seconds, the common baseline
     for weight_dtype in args.weight_dtypes:
         lm = chat.load(args.model, weight_dtype=None if weight_dtype == "float32" else weight_dtype)
         path = pathlib.Path(lm.path)
         results["model"] = path.name
         hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=getattr(torch, TORCH_DTYPES[weight_dtype]))
+            path.parent, gguf_file=path.name, dtype=getattr(torch, weight_dtype))
         hf.eval()
         for bs in args.batch_sizes:
             prompts = [lm.chat_tokens(PROMPTS[i % len(PROMPTS)]) for i in range(bs)]
@@ -135,8 +134,6 @@ def main(argv=None) -> dict:
 
             run_hf()
             hf_s = timed(run_hf, args.repeats)
-            if weight_dtype == "float32":
-                hf_fp32_s[bs] = hf_s
             n = bs * args.new_tokens
             ceiling = decode_ceiling(lm.cfg, lm.params, bs, width, args.new_tokens, bandwidth)
             results["rows"].append({
@@ -145,13 +142,17 @@ def main(argv=None) -> dict:
                 "jprag_tokens_per_s": n / jprag_s,
                 "transformers_tokens_per_s": n / hf_s,  # transformers in the same dtype
                 "ratio": hf_s / jprag_s,
-                "ratio_vs_transformers_fp32": hf_fp32_s[bs] / jprag_s if bs in hf_fp32_s else None,
                 "jprag_first_call_s": compile_s,
                 "bandwidth_ceiling_tokens_per_s": ceiling,
                 "jprag_fraction_of_ceiling": n / jprag_s / ceiling,
                 "ceiling_ratio": ceiling * hf_s / n,  # the best ratio any implementation could reach
             })
         del hf
+    # every row against transformers in float32 (the common baseline), whatever the run order
+    hf_fp32 = {r["batch"]: r["transformers_tokens_per_s"] for r in results["rows"] if r["weight_dtype"] == "float32"}
+    for r in results["rows"]:
+        base = hf_fp32.get(r["batch"])
+        r["ratio_vs_transformers_fp32"] = None if base is None else r["jprag_tokens_per_s"] / base
 
     print(json.dumps(results, indent=2))
     print(f"\nread bandwidth {bandwidth / 1e9:.1f} GB/s")
