@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import time
 import tomllib
@@ -218,9 +219,6 @@ def _builder(name: str):
 
 def encode_bank(cfg: RunConfig, lm, docs: Sequence[Document], out: pathlib.Path) -> BankSource:
     """Train (or resume) the PRAG bank for `docs` and wrap it as the "prag" adapter source."""
-    import jax.numpy as jnp
-
-    from jprag.lora.store import load_bank
     from jprag.mesh import make_mesh
     from jprag.train.encoder import encode_documents
     from jprag.train.recipe import corpus_examples
@@ -234,18 +232,20 @@ def encode_bank(cfg: RunConfig, lm, docs: Sequence[Document], out: pathlib.Path)
         pad_id=int(lm.tokenizer.pad_token_id or 0), model_id=lm.path,
         extra_index={"recipe": dataclasses.asdict(cfg.recipe)},
     )
-    bank, index = load_bank(out / "bank")
-    bank = {t: {k: jnp.asarray(v) for k, v in ab.items()} for t, ab in bank.items()}
-    return BankSource(bank, {d: i for i, d in enumerate(index["doc_ids"])}, cfg.lora)
+    return BankSource.from_dir(out / "bank", cfg.lora)
 
 
 def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     """Run every configured method and write the results; returns the results dict."""
     from jprag.model.chat import load
 
+    from jprag import distributed
+
     out = pathlib.Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
+    primary = distributed.is_primary()  # multi-host: process 0 writes the run's files
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1, default=list))
     t_start = time.perf_counter()
     lm = load(cfg.model)
     questions, docs, given = load_data(cfg)
@@ -273,7 +273,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     types = [q.type for q in questions]
     answers = [q.answers for q in questions]
     f1_per_question: dict[str, list[float]] = {}  # method → [questions], for the paired comparison
-    with open(out / "predictions.jsonl", "w") as pred_file:
+    with open(out / "predictions.jsonl" if primary else os.devnull, "w") as pred_file:
         for name in cfg.methods:
             t0 = time.perf_counter()
             bar = tqdm(total=len(questions), desc=f"answer [{name}]", unit="q", disable=not progress)
@@ -295,10 +295,11 @@ def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t_start
     if len(f1_per_question) > 1 and questions:
         results["significance"] = significance(f1_per_question, baseline_method(cfg.methods))
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = results_table(results)
-    (out / "results.md").write_text(table + "\n")
-    plot_results(results, out / "results.png")
+    if primary:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        (out / "results.md").write_text(results_table(results) + "\n")
+        plot_results(results, out / "results.png")
+    distributed.barrier("results written")
     return results
 
 
@@ -330,11 +331,6 @@ def source_storage(source) -> dict[str, int] | None:
     (`shared_bytes`, e.g. a Poly-PRAG inventory) and the number of documents (`n_docs`)."""
     if hasattr(source, "storage"):
         return source.storage()
-    if isinstance(source, BankSource):
-        import jax
-
-        row = sum(int(x[0].size) * x.dtype.itemsize for x in jax.tree.leaves(source.bank))
-        return {"row_bytes": row, "shared_bytes": 0, "n_docs": len(source.doc_rows)}
     return None
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -162,14 +161,16 @@ def run_encode(args: argparse.Namespace) -> int:
         return 0
     n_before = 0 if old is None else sum(len(c["rows"]) for c in old["chunks"] if c.get("done"))
 
-    from jprag.cli.main import enable_compilation_cache
+    from jprag.cli.main import start_devices
 
-    enable_compilation_cache()
+    start_devices(args)
+    from jprag import distributed
     from jprag.mesh import make_mesh
     from jprag.model.chat import load
     from jprag.train.encoder import encode_documents
 
     mesh = make_mesh(args.mesh_data, args.mesh_model)
+    distributed.check_mesh(mesh)
     lm = load(args.model)
     per_doc = _tokenize(lm.tokenizer, docs, recipe, progress=True)
     n_samples = sum(len(e) for e in per_doc)
@@ -195,40 +196,11 @@ def run_encode(args: argparse.Namespace) -> int:
 
 def load_rows(root: str | os.PathLike, doc_ids: Sequence[str]) -> tuple[dict, dict[str, Any]]:
     """Rows `{target: {"a": [k, ...], "b": [k, ...]}}` of the given documents (in that order) and
-    the index, reading only the chunks that hold them. Unknown ids and unfinished chunks raise
-    `BankError`."""
-    import numpy as np
+    the index, reading only those rows. Unknown ids and unfinished chunks raise `BankError`."""
+    from jprag.lora.store import BankReader
 
-    from jprag.lora.store import BankError, load_chunk, lora_from_index, read_index
-
-    root = pathlib.Path(root)
-    index = read_index(root)
-    lora = lora_from_index(index)
-    row_of = {d: i for i, d in enumerate(index["doc_ids"])}
-    for d in doc_ids:
-        if d not in row_of:
-            close = difflib.get_close_matches(d, list(row_of), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise BankError(f"{root}: no document {d!r} in this bank ({len(row_of)} documents){hint}")
-    where = {r: (c, j) for c, chunk in enumerate(index["chunks"]) for j, r in enumerate(chunk["rows"])}
-    shapes, dtype = index["shapes"], np.dtype(index.get("dtype", "float32"))
-    loaded: dict[int, dict] = {}
-    parts = []
-    for d in doc_ids:
-        if row_of[d] not in where:
-            raise BankError(f"{root}/index.json: document {d!r} is in no chunk of the plan")
-        c, j = where[row_of[d]]
-        chunk = index["chunks"][c]
-        if not chunk.get("done"):
-            raise BankError(f"{root}: document {d!r} is in chunk {c}, which is not finished; "
-                            "re-run `jprag encode` with the same arguments to resume")
-        if c not in loaded:
-            template = {t: {k: np.zeros((len(chunk["rows"]), *shapes[t][k]), dtype) for k in ("a", "b")}
-                        for t in lora.targets}
-            loaded[c] = load_chunk(root, c, template)
-        parts.append({t: {k: np.asarray(loaded[c][t][k][j]) for k in ("a", "b")} for t in lora.targets})
-    rows = {t: {k: np.stack([p[t][k] for p in parts]) for k in ("a", "b")} for t in lora.targets}
-    return rows, index
+    reader = BankReader(root, require_complete=False)
+    return reader.rows(reader.rows_of(doc_ids)), reader.index
 
 
 def run_export_peft(args: argparse.Namespace) -> int:

@@ -115,6 +115,38 @@ def enable_compilation_cache() -> pathlib.Path | None:
     return path
 
 
+# --------------------------------------------------------------------------- multi-host
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--coordinator/--num-processes/--process-id`: join a multi-host job (every process runs the
+    same command with its own --process-id; see the README's pod/cluster section)."""
+    g = parser.add_argument_group("multi-host (every process runs the same command; default: one process)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="address of process 0, or 'auto' to let JAX detect the cluster (TPU VM, SLURM); "
+                   "default: $JPRAG_COORDINATOR, else a single process")
+    g.add_argument("--num-processes", type=_positive_int, default=None, metavar="N",
+                   help="processes in the job (default: $JPRAG_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=_non_negative_int, default=None, metavar="I",
+                   help="this process's index, 0 … N-1; 0 writes indexes and results (default: $JPRAG_PROCESS_ID)")
+    g.add_argument("--coordinator-timeout", type=_positive_int, default=None, metavar="S",
+                   help="give up joining the job after S seconds (default: 300)")
+
+
+def start_devices(args: argparse.Namespace) -> None:
+    """What every command that trains or answers does before touching a device: the compilation
+    cache, then joining the multi-host job its flags (or `JPRAG_*` variables) describe."""
+    from jprag.distributed import DistConfig, initialize
+
+    cfg = DistConfig.from_env(coordinator=getattr(args, "coordinator", None),
+                              num_processes=getattr(args, "num_processes", None),
+                              process_id=getattr(args, "process_id", None),
+                              timeout_s=getattr(args, "coordinator_timeout", None))
+    cfg.check()  # before JAX starts: a bad flag fails in well under a second
+    enable_compilation_cache()
+    initialize(cfg)
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -195,6 +227,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
     _add_model_argument(parser)
     add_pipeline_arguments(parser, demo=True)
+    add_distributed_arguments(parser)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -209,6 +242,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     _add_model_argument(parser)
     add_pipeline_arguments(parser)
+    add_distributed_arguments(parser)
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -225,6 +259,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a TOML or JSON RunConfig (see experiments/*.toml); flags override it")
     _add_model_argument(parser)
     add_pipeline_arguments(parser, demo=True)
+    add_distributed_arguments(parser)
     parser.set_defaults(out=None)
 
 
@@ -300,6 +335,7 @@ def _add_encode_arguments(parser: argparse.ArgumentParser) -> None:
                      help="devices on the document axis; -1 = all not used by --mesh-model (default: -1)")
     run.add_argument("--mesh-model", type=_positive_int, default=1, metavar="N",
                      help="devices the base model is sharded over (default: 1)")
+    add_distributed_arguments(parser)
 
 
 def _run_encode(args: argparse.Namespace) -> int:

@@ -74,13 +74,15 @@ def _report(results, out_dir) -> None:
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}, {out / 'predictions.jsonl'}")
 
 
-def run_pipeline(cfg) -> int:
-    from jprag.cli.main import enable_compilation_cache
+def run_pipeline(cfg, args: argparse.Namespace | None = None) -> int:
+    from jprag import distributed
+    from jprag.cli.main import start_devices
     from jprag.pipeline import run
 
-    enable_compilation_cache()
-    results = run(cfg)
-    _report(results, cfg.out_dir)
+    start_devices(args or argparse.Namespace())
+    results = run(cfg, progress=distributed.is_primary())
+    if distributed.is_primary():
+        _report(results, cfg.out_dir)
     return 0
 
 
@@ -88,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> int:
     """The bundled invented-entity sample, all four methods, on the embedded default model."""
     print("jprag demo: vanilla vs standard RAG vs PRAG vs PRAG-Combine on the bundled sample of "
           "invented-entity documents (knowledge the base model cannot have)", flush=True)
-    return run_pipeline(config_from_args(args))
+    return run_pipeline(config_from_args(args), args)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -96,14 +98,14 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError("--dataset prag needs --data-dir (the directory of the published PRAG files)")
     if args.out is None:
         args.out = f"runs/{args.dataset}"
-    return run_pipeline(config_from_args(args))
+    return run_pipeline(config_from_args(args), args)
 
 
 def run_config(args: argparse.Namespace) -> int:
     from jprag.pipeline import RunConfig
 
     cfg = RunConfig.from_file(args.config)
-    return run_pipeline(config_from_args(args, base=cfg))
+    return run_pipeline(config_from_args(args, base=cfg), args)
 
 
 def run_index(args: argparse.Namespace) -> int:

@@ -58,6 +58,11 @@ class AnswerCache:
         items = list(items)
         if not items:
             return
+        from jprag.distributed import is_primary
+
+        if not is_primary():  # multi-host: every process answers alike, process 0 records
+            self._outputs.update(items)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             for key, output in items:

@@ -24,7 +24,7 @@ import numpy as np
 from jprag.data.documents import Document, Question
 from jprag.eval.cache import AnswerCache
 from jprag.eval.prompts import assistant_prefix, build_user_prompt, extract_answer
-from jprag.lora.adapters import Bank, LoraConfig, merge_topk
+from jprag.lora.adapters import LoraConfig, merge_topk
 from jprag.model.generate import SamplingConfig, generate
 
 
@@ -47,19 +47,44 @@ class AdapterSource(Protocol):
 
 @dataclasses.dataclass
 class BankSource:
-    """PRAG: a trained adapter bank; a question's adapter is the merge of its top-k rows."""
+    """PRAG: a trained adapter bank; a question's adapter is the merge of its top-k rows.
 
-    bank: Bank
+    `bank` is an in-memory bank `[docs, ...]`, or a `jprag.lora.store.BankReader` (`from_dir`):
+    then each question batch reads only its retrieved documents' rows from disk, so memory does
+    not grow with the bank."""
+
+    bank: Any  # Bank | BankReader
     doc_rows: Mapping[str, int]
     lora: LoraConfig
     mode: str = "sum"
+
+    @classmethod
+    def from_dir(cls, root, lora: LoraConfig | None = None, mode: str = "sum") -> "BankSource":
+        from jprag.lora.store import BankReader
+
+        reader = BankReader(root)
+        return cls(reader, reader.doc_rows, lora or reader.lora, mode)
 
     def adapters(self, doc_ids_qk):
         missing = sorted({d for ids in doc_ids_qk for d in ids if d not in self.doc_rows})
         if missing:
             raise ValueError(f"{len(missing)} retrieved documents have no adapter in the bank (first: {missing[0]!r})")
+        if hasattr(self.bank, "rows"):  # on disk: gather this batch's documents' rows
+            unique = list(dict.fromkeys(d for ids in doc_ids_qk for d in ids))
+            pos = {d: i for i, d in enumerate(unique)}
+            bank = self.bank.rows([self.doc_rows[d] for d in unique])
+            rows = jnp.asarray([[pos[d] for d in ids] for ids in doc_ids_qk], jnp.int32)
+            return merge_topk(jax.tree.map(jnp.asarray, bank), rows, self.lora.scale, self.mode)
         rows = jnp.asarray([[self.doc_rows[d] for d in ids] for ids in doc_ids_qk], jnp.int32)
         return merge_topk(self.bank, rows, self.lora.scale, self.mode)
+
+    def storage(self) -> dict[str, int]:
+        """fp32 bytes of one document's adapter, none shared, and the number of documents."""
+        if hasattr(self.bank, "row_bytes"):
+            row = self.bank.row_bytes()
+        else:
+            row = sum(int(x[0].size) * x.dtype.itemsize for x in jax.tree.leaves(self.bank))
+        return {"row_bytes": row, "shared_bytes": 0, "n_docs": len(self.doc_rows)}
 
 
 @dataclasses.dataclass(frozen=True)

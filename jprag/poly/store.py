@@ -21,43 +21,32 @@ run can resume (or be loaded) on any mesh.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import pathlib
-import shutil
 from typing import Any, Mapping
 
-import jax
 import numpy as np
 
-from jprag.lora.store import write_index  # noqa: F401  (re-exported: one index writer for every store)
+from jprag import store
 from jprag.model.config import ModelConfig
 from jprag.poly.config import PolyConfig
 from jprag.poly.routing import inventory_shapes
+from jprag.store import write_index  # noqa: F401  (re-exported: one index writer for every store)
 
-JOINT_FORMAT = "jprag-poly/1"
-Z_FORMAT = "jprag-poly-z/1"
-INDEX = "index.json"
+JOINT_FORMAT = "jprag-poly/2"
+Z_FORMAT = "jprag-poly-z/2"
+# Older formats stay readable: /1 saved routing rows and chunks without padding slots, which
+# reads the same (positions 0 … n-1); only an unfinished /1 joint checkpoint cannot resume.
+READABLE = {JOINT_FORMAT: (JOINT_FORMAT, "jprag-poly/1"), Z_FORMAT: (Z_FORMAT, "jprag-poly-z/1")}
+INDEX = store.INDEX
 
 
-class PolyStoreError(ValueError):
+class PolyStoreError(store.StoreError):
     """A Poly-PRAG directory is missing, unfinished or incompatible with the request."""
 
 
 def read_index(root: str | pathlib.Path, fmt: str) -> dict[str, Any]:
-    path = pathlib.Path(root) / INDEX
-    if not path.is_file():
-        raise PolyStoreError(f"{path}: no Poly-PRAG index here")
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PolyStoreError(f"{path}: not valid JSON ({e})") from None
-    if index.get("format") != fmt:
-        raise PolyStoreError(f"{path}: field 'format' is {index.get('format')!r}, expected {fmt!r}")
-    for field in ("doc_ids", "poly"):
-        if field not in index:
-            raise PolyStoreError(f"{path}: field {field!r} is missing")
-    return index
+    return store.read_index(root, READABLE.get(fmt, (fmt,)), ("doc_ids", "poly"), PolyStoreError, "Poly-PRAG index")
 
 
 def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], root, fields, poly_fields) -> None:
@@ -67,33 +56,17 @@ def check_resumable(old: Mapping[str, Any], new: Mapping[str, Any], root, fields
             raise PolyStoreError(f"{root}/index.json: [poly] {field} differs from this run's "
                                  f"({old['poly'].get(field)!r} there, {new['poly'].get(field)!r} now); use a "
                                  "new output directory")
-    for field in fields:
-        if old.get(field) != new.get(field):
-            raise PolyStoreError(f"{root}/index.json: field {field!r} differs from this run's; the directory "
-                                 "holds another Poly-PRAG run (use a new output directory)")
-
-
-def _checkpointer():
-    import orbax.checkpoint as ocp
-
-    return ocp.StandardCheckpointer()
+    store.check_fields(old, new, fields, f"{root}/index.json", PolyStoreError)
 
 
 def save_tree(path: pathlib.Path, tree: Any) -> None:
-    """Write a pytree of arrays (host copies) as an orbax checkpoint at `path`, replacing any
-    partial directory a killed run left there."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = _checkpointer()
-    ckpt.save(path.absolute(), jax.tree.map(np.asarray, tree))
-    ckpt.wait_until_finished()
+    """`jprag.store.save_tree`: collective orbax write, replacing a partial directory."""
+    store.save_tree(path, tree)
 
 
-def load_tree(path: pathlib.Path, template: Any) -> Any:
-    """Restore as numpy arrays shaped like `template` (arrays or ShapeDtypeStructs)."""
-    target = jax.tree.map(lambda t: np.zeros(t.shape, t.dtype), template)
-    return _checkpointer().restore(path.absolute(), target)
+def load_tree(path: pathlib.Path, template: Any, shardings: Any = None) -> Any:
+    """`jprag.store.load_tree`: numpy, or onto `shardings`."""
+    return store.load_tree(path, template, shardings)
 
 
 def inventory_template(shapes: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
@@ -108,13 +81,16 @@ def load_joint(root: str | pathlib.Path) -> tuple[dict, np.ndarray, dict[str, An
         raise PolyStoreError(f"{root}: joint training is not finished (step {index.get('step', 0)} of "
                              f"{index.get('n_steps')}); re-run with the same arguments to resume")
     inventory = load_tree(root / "inventory", inventory_template(index["shapes"]))
-    z = load_tree(root / "routing", {"z": np.zeros(tuple(index["routing_shape"]), np.float32)})["z"]
+    n = index["routing_shape"][0]  # the routing table may hold padding rows after the documents'
+    z = store.read_rows(store.open_array(root / "routing", "z"), np.arange(n))
     return inventory, z, index
 
 
 def load_rows(root: str | pathlib.Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """`(z [docs, Lr, M], index)` of a finished Poly-z directory (numpy, `doc_ids` row order)."""
-    from jprag.lora.store import chunk_number, load_chunk
+    """`(z [docs, Lr, M], index)` of a finished Poly-z directory (numpy, `doc_ids` row order);
+    reads positions `0 … len(rows)-1` of each chunk (chunks may hold padding slots after them)."""
+    from jprag.lora.store import chunk_dir
+    from jprag.train.loop import chunk_number
 
     root = pathlib.Path(root)
     index = read_index(root, Z_FORMAT)
@@ -126,7 +102,8 @@ def load_rows(root: str | pathlib.Path) -> tuple[np.ndarray, dict[str, Any]]:
     z = np.zeros((len(index["doc_ids"]), *row_shape), np.float32)
     for c, chunk in enumerate(index["chunks"]):
         rows = np.asarray(chunk["rows"], np.int64)
-        z[rows] = load_chunk(root, chunk_number(c, chunk), {"z": np.zeros((len(rows), *row_shape), np.float32)})["z"]
+        handle = store.open_array(chunk_dir(root, chunk_number(c, chunk)), "z")
+        z[rows] = store.read_rows(handle, np.arange(len(rows)))
     return z, index
 
 

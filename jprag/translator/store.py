@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from jprag.io import write_json_atomic
+from jprag import store as jstore
 from jprag.lora.adapters import LoraConfig
 from jprag.translator.hypernet import Translator, TranslatorSpec
 
@@ -43,8 +42,8 @@ def _checkpointer():
 
 
 def write_meta(root: pathlib.Path, meta: Mapping[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(root / META, meta, indent=1, sort_keys=True)
+    """Atomically (re)write `meta.json` (process 0, then every process synchronises)."""
+    jstore.write_index(root, meta, META)
 
 
 def read_meta(root: str | os.PathLike) -> dict[str, Any]:
@@ -76,12 +75,8 @@ def _template(tree) -> Any:
 
 
 def _save(path: pathlib.Path, tree) -> None:
-    if path.exists():  # a leftover of a killed run that meta.json does not name: redo it
-        shutil.rmtree(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = _checkpointer()
-    ckpt.save(path.absolute(), jax.tree.map(np.asarray, tree))
-    ckpt.wait_until_finished()
+    """Collective orbax write (replicated state: one copy), replacing a killed run's leftover."""
+    jstore.save_tree(path, tree)
 
 
 def checkpoint_dir(root: pathlib.Path, step: int) -> pathlib.Path:
@@ -95,7 +90,7 @@ def save_checkpoint(root: pathlib.Path, step: int, state: Mapping[str, Any], met
     write_meta(root, meta)
     for old in (root / "ckpt").iterdir():
         if old.name != f"{step:08d}":
-            shutil.rmtree(old, ignore_errors=True)
+            jstore.remove(old)
 
 
 def load_checkpoint(root: pathlib.Path, step: int, template: Mapping[str, Any]) -> Any:
@@ -112,7 +107,7 @@ def save_final(root: pathlib.Path, translator: Translator, meta: dict[str, Any])
     _save(root / "final", translator)
     meta["done"] = True
     write_meta(root, meta)
-    shutil.rmtree(root / "ckpt", ignore_errors=True)
+    jstore.remove(root / "ckpt")
 
 
 def lora_from_meta(meta: Mapping[str, Any]) -> LoraConfig:

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jprag import distributed
 from jprag.lora.adapters import Bank, LoraConfig
 from jprag.lora.store import lora_to_json
 from jprag.mesh import doc_shardings, make_mesh, pad_to_data, param_shardings, replicated
@@ -166,7 +167,8 @@ def train_translator(
     emb = np.asarray(emb, np.float32)
     teacher = jax.tree.map(np.asarray, teacher)
     jitted = None
-    bar = tqdm(total=meta["total_steps"], initial=start, unit="step", desc="translator", disable=not progress)
+    bar = tqdm(total=meta["total_steps"], initial=start, unit="step", desc="translator",
+               disable=not (progress and distributed.is_primary()))
     t0, i, since, seconds_before = time.perf_counter(), 0, [], meta.get("seconds", 0.0)
     for epoch, rows in groups:
         n_steps = max(len(per_doc[r]) for r in rows)
@@ -183,6 +185,7 @@ def train_translator(
                 continue
             batch = {"tokens": packed["tokens"], "attn_mask": packed["attn_mask"], "loss_mask": packed["loss_mask"],
                      "active": packed["active"].astype(np.float32), "emb": emb_d, "teacher": teacher_d}
+            batch = distributed.put_rows(batch, doc_shardings(batch, mesh))  # multi-host: own rows only
             if jitted is None:
                 jitted = jit_translator_step(step_fn, mesh, params, translator, opt_state, batch)
             translator, opt_state, metrics = jitted(params, translator, opt_state, batch)
