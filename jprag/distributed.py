@@ -103,6 +103,10 @@ def initialize(cfg: DistConfig | None = None) -> None:
     # CPU processes need a collectives backend for cross-process all-reduces (tests, CI); it is
     # ignored on TPU/GPU, which bring their own.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if cfg.coordinator != AUTO and cfg.process_id:
+        # JAX's client aborts the whole process (a fatal log, no exception) when it cannot reach
+        # the coordinator; probing first turns that into one clear error within the timeout.
+        _wait_for_coordinator(cfg)
     kwargs = {} if cfg.coordinator == AUTO else dict(
         coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
     try:
@@ -113,6 +117,25 @@ def initialize(cfg: DistConfig | None = None) -> None:
         raise DistributedError(f"could not join the multi-host job ({where}, process "
                                f"{cfg.process_id} of {cfg.num_processes}, timeout {cfg.timeout_s} s): {first[:300]}"
                                ) from None
+
+
+def _wait_for_coordinator(cfg: DistConfig) -> None:
+    import socket
+    import time
+
+    host, _, port = cfg.coordinator.rpartition(":")
+    deadline = time.monotonic() + cfg.timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=min(5.0, cfg.timeout_s)):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"could not join the multi-host job (coordinator {cfg.coordinator}, process "
+                                       f"{cfg.process_id} of {cfg.num_processes}): nothing answered there within "
+                                       f"{cfg.timeout_s} s ({e.strerror or e}); start process 0 with the same "
+                                       "--coordinator, or check the address") from None
+            time.sleep(0.5)
 
 
 def process_index() -> int:
