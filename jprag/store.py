@@ -91,9 +91,15 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     replacing any partial directory a killed run left there. `jax.Array`s are written shard by
     shard by the processes that hold them; numpy leaves (single process) as they are."""
     path = pathlib.Path(path).absolute()
-    if path.exists():
-        remove(path)
-    distributed.primary_only(lambda: path.parent.mkdir(parents=True, exist_ok=True), f"mkdir {path.parent}")
+
+    def prepare():
+        # decided on process 0 alone: another process may already see orbax's directory appear,
+        # and every process must pass the same barriers
+        if path.exists():
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    distributed.primary_only(prepare, f"prepare {path}")
     ckpt = _checkpointer()
     ckpt.save(path, tree)
     ckpt.wait_until_finished()

@@ -151,7 +151,21 @@ def run_encode(args: argparse.Namespace) -> int:
     doc_ids = [d.id for d in docs]
     model_id = _model_id(args.model)
     out = pathlib.Path(args.out)
-    _prepare_out_dir(out, args.overwrite)
+    from jprag.cli.main import start_devices
+    from jprag.distributed import DistConfig
+
+    dist = DistConfig.from_env(coordinator=args.coordinator, num_processes=args.num_processes,
+                               process_id=args.process_id, timeout_s=args.coordinator_timeout)
+    dist.check()
+    if dist.multi:  # join first, so that only process 0 replaces an --overwrite'd bank
+        start_devices(args)
+        from jprag import distributed
+
+        if distributed.is_primary():
+            _prepare_out_dir(out, args.overwrite)
+        distributed.barrier("prepared --out")
+    else:
+        _prepare_out_dir(out, args.overwrite)
     old = _check_resume(out, {
         "doc_ids": doc_ids, "model": model_id, "lora": lora_to_json(lora), "train": dataclasses.asdict(train),
         "seed": args.seed, "recipe": dataclasses.asdict(recipe),
@@ -161,9 +175,8 @@ def run_encode(args: argparse.Namespace) -> int:
         return 0
     n_before = 0 if old is None else sum(len(c["rows"]) for c in old["chunks"] if c.get("done"))
 
-    from jprag.cli.main import start_devices
-
-    start_devices(args)
+    if not dist.multi:
+        start_devices(args)
     from jprag import distributed
     from jprag.mesh import make_mesh
     from jprag.model.chat import load
@@ -187,7 +200,8 @@ def run_encode(args: argparse.Namespace) -> int:
         progress=True,
     )
     t_end = time.perf_counter()
-    _print_summary(index, out, len(doc_ids) - n_before, t_end - t_train, t_end - t_start)
+    if distributed.is_primary():
+        _print_summary(index, out, len(doc_ids) - n_before, t_end - t_train, t_end - t_start)
     return 0
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jprag import distributed
 from jprag.mesh import doc_shardings, make_mesh, pad_to_data, param_shardings, replicated
 from jprag.model.config import ModelConfig
 from jprag.poly.config import JOINT_FIELDS, PolyConfig
@@ -153,7 +154,9 @@ def train_joint(
         "step": 0, "checkpoint": None, "done": False, "seconds": 0.0, "tokens": 0, "losses": [],
         **dict(extra_index or {}),
     }
-    if (root / "index.json").exists():
+    resuming = (root / "index.json").exists()
+    distributed.barrier(f"looked for {root / 'index.json'}")  # every process decides before any writes
+    if resuming:
         old = read_index(root, JOINT_FORMAT)
         check_resumable(old, index, root, ("model", "doc_ids", "batch_docs", "n_steps", "length_multiple",
                                            "shapes", "routing_shape"), JOINT_FIELDS)

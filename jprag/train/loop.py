@@ -245,7 +245,9 @@ def train_rows(
     D = pad_to_data(chunk_docs, mesh)
     index = dict(index, chunks=[{"rows": rows, "done": False, "dir": c}
                                 for c, rows in enumerate(plan_chunks(per_doc_examples, D))])
-    if (root / store.INDEX).exists():
+    resuming = (root / store.INDEX).exists()
+    distributed.barrier(f"looked for {root / store.INDEX}")  # every process decides before any writes
+    if resuming:
         old = read_index(root)
         if check_resumable is not None:
             check_resumable(old, index)

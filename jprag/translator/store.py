@@ -18,11 +18,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
+from jprag import distributed
 from jprag import store as jstore
 from jprag.lora.adapters import LoraConfig
 from jprag.translator.hypernet import Translator, TranslatorSpec
@@ -88,9 +90,12 @@ def save_checkpoint(root: pathlib.Path, step: int, state: Mapping[str, Any], met
     _save(checkpoint_dir(root, step), state)
     meta["step"] = step
     write_meta(root, meta)
-    for old in (root / "ckpt").iterdir():
-        if old.name != f"{step:08d}":
-            jstore.remove(old)
+    def drop_older():
+        for old in (root / "ckpt").iterdir():
+            if old.name != f"{step:08d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    distributed.primary_only(drop_older, f"drop checkpoints before {step}")
 
 
 def load_checkpoint(root: pathlib.Path, step: int, template: Mapping[str, Any]) -> Any:

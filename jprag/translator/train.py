@@ -144,7 +144,9 @@ def train_translator(
     groups = plan_groups(n, D, tcfg.epochs, tcfg.seed)
     root = pathlib.Path(out_dir)
     meta = _meta(cfg, lora, tcfg, spec, doc_ids, model_id, D, groups, per_doc, dict(extra_meta or {}))
-    if (root / store.META).exists():
+    resuming = (root / store.META).exists()
+    distributed.barrier(f"looked for {root / store.META}")  # every process decides before any writes
+    if resuming:
         old = store.read_meta(root)
         _check_resumable(old, meta, root)
         if old["done"]:
