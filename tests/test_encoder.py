@@ -279,3 +279,28 @@ def test_shared_init_starts_every_document_from_one_a(tmp_path, params, corpus, 
     for r in range(N_DOCS):
         np.testing.assert_array_equal(a_shared[r], a0)
     assert not np.allclose(a_own[1], a_own[0])
+
+
+def test_bank_reader_reads_only_the_rows_asked_for(reference):
+    """Serving from disk: `BankReader.rows` equals the loaded bank's rows in any order, and
+    `BankSource.from_dir` gives the same per-question adapters as the in-memory bank."""
+    from jprag.eval.methods import BankSource
+    from jprag.lora.store import BankReader
+
+    bank, index = load_bank(reference)
+    reader = BankReader(reference)
+    rows = [7, 0, 7, 3]
+    got = reader.rows(rows)
+    for t in LORA.targets:
+        for k in ("a", "b"):
+            assert np.array_equal(got[t][k], bank[t][k][rows])
+    with pytest.raises(BankError, match="no document 'doc-99'"):
+        reader.rows_of(["doc-99"])
+    questions = [["doc-1", "doc-4", "doc-9"], ["doc-9", "doc-0", "doc-2"]]
+    on_disk = BankSource.from_dir(reference).adapters(questions)
+    in_memory = BankSource(jax.tree.map(jnp.asarray, bank), {d: i for i, d in enumerate(index["doc_ids"])},
+                           LORA).adapters(questions)
+    for t in LORA.targets:
+        for x, y in zip(on_disk[t], in_memory[t]):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert BankSource.from_dir(reference).storage()["row_bytes"] == 4 * LORA.num_params(CFG)
