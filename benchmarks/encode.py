@@ -1,6 +1,6 @@
 """Document encoding throughput: jprag's stacked LoRA training vs the PRAG reference loop (PyTorch + PEFT).
 
-Real documents from the published PRAG data (`--data-dir`, default /work/shared/data), the
+Real documents from the published PRAG data (`--data-dir`, default ../shared/data beside the checkout), the
 default SmolLM2-135M-Instruct GGUF, the PRAG recipe (LoRA rank 2, alpha 32 on gate/up/down,
 AdamW lr 3e-4 weight decay 0.01, 1 epoch, batch size 1, 5 samples per document, loss on every
 token). Every side trains on the same `Example` token ids (`jprag.train.recipe.corpus_examples`).

@@ -1,7 +1,7 @@
 """Answering throughput: jprag's batched per-row merged adapters vs the PRAG reference's PEFT loop.
 
 `--questions` real questions from the published PRAG data (`--data-dir`, default
-/work/shared/data), each answered with the adapters of its 3 retrieved passages merged (PRAG's
+../shared/data beside the checkout), each answered with the adapters of its 3 retrieved passages merged (PRAG's
 sum of deltas), greedy, up to `--max-new-tokens` tokens, stop tokens enabled on both sides. The
 prompt is the reference's inference prompt: the question in the chat template (no passages)
 followed by the reference's assistant prefix "The answer is " (trailing space included).

@@ -1,7 +1,7 @@
 """Parameterising a document: DyPRAG's translator (embed + translate) vs PRAG's encoder, same run.
 
 The same documents (the first `--docs` of the published PRAG data in `--data-dir`, default
-/work/shared/data, or the bundled sample with `--sample`), the default SmolLM2-135M-Instruct
+../shared/data beside the checkout, or the bundled sample with `--sample`), the default SmolLM2-135M-Instruct
 GGUF and the PRAG recipe (LoRA rank 2, alpha 32 on gate/up/down, AdamW lr 3e-4, 1 epoch,
 5 samples per document):
 
