@@ -28,7 +28,8 @@ from typing import Callable
 
 import numpy as np
 
-ENV = {"coordinator": "JPRAG_COORDINATOR", "num_processes": "JPRAG_NUM_PROCESSES", "process_id": "JPRAG_PROCESS_ID"}
+ENV = {"coordinator": "JPRAG_COORDINATOR", "num_processes": "JPRAG_NUM_PROCESSES", "process_id": "JPRAG_PROCESS_ID",
+       "heartbeat_s": "JPRAG_HEARTBEAT_TIMEOUT"}
 AUTO = "auto"
 
 
@@ -44,6 +45,7 @@ class DistConfig:
     num_processes: int | None = None
     process_id: int | None = None
     timeout_s: int = 300  # give up connecting after this long (an unreachable coordinator is an error)
+    heartbeat_s: int | None = None  # a process silent this long has failed, the others stop (None: JAX's 100 s)
 
     @classmethod
     def from_env(cls, **overrides) -> "DistConfig":
@@ -83,6 +85,8 @@ class DistConfig:
             raise DistributedError(f"--process-id: must be in [0, {n}) for --num-processes {n}, got {i}")
         if self.timeout_s < 1:
             raise DistributedError(f"--coordinator-timeout: must be >= 1 second, got {self.timeout_s}")
+        if self.heartbeat_s is not None and self.heartbeat_s < 1:
+            raise DistributedError(f"--heartbeat-timeout: must be >= 1 second, got {self.heartbeat_s}")
 
     @property
     def multi(self) -> bool:
@@ -110,7 +114,8 @@ def initialize(cfg: DistConfig | None = None) -> None:
     kwargs = {} if cfg.coordinator == AUTO else dict(
         coordinator_address=cfg.coordinator, num_processes=cfg.num_processes, process_id=cfg.process_id)
     try:
-        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s)
+        jax.distributed.initialize(**kwargs, initialization_timeout=cfg.timeout_s,
+                                   heartbeat_timeout_seconds=cfg.heartbeat_s or 100)
     except Exception as e:  # noqa: BLE001 - jaxlib raises bare RuntimeErrors/XlaRuntimeErrors here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "auto-detected cluster" if cfg.coordinator == AUTO else f"coordinator {cfg.coordinator}"
@@ -136,6 +141,37 @@ def _wait_for_coordinator(cfg: DistConfig) -> None:
                                        f"{cfg.timeout_s} s ({e.strerror or e}); start process 0 with the same "
                                        "--coordinator, or check the address") from None
             time.sleep(0.5)
+
+
+# Words of the runtime's errors when a collective or barrier lost a peer (gloo, the
+# coordination service); an out-of-memory or compile error is not one of these.
+_PEER_FAILURE = ("Gloo", "gloo", "heartbeat", "Barrier failed", "Connection closed", "Connection reset",
+                 "UNAVAILABLE", "DEADLINE_EXCEEDED", "task is set to ERROR")
+
+
+def peer_failure(exc: BaseException) -> str | None:
+    """The one-line message for `exc` when it is a collective that failed because another
+    process of the job died or stopped answering; None for any other error (or one process)."""
+    import jax
+
+    if not jax.distributed.is_initialized() or not isinstance(exc, jax.errors.JaxRuntimeError):
+        return None
+    text = str(exc)
+    if not any(word in text for word in _PEER_FAILURE):
+        return None
+    first = text.strip().splitlines()[0][:200]
+    return (f"process {process_index()}: a collective across the job failed, so another process has died or "
+            f"stopped answering ({first}); restart every process with the same command: finished work is kept")
+
+
+def exit_job(code: int) -> None:
+    """End this process now. After a peer failed, a normal exit would wait in JAX's shutdown
+    barrier for the dead process until the heartbeat timeout; there is nothing left to sync."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def process_index() -> int:

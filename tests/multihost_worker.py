@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from jprag.distributed import DistConfig, initialize  # noqa: E402
 
 if nproc > 1:
-    initialize(DistConfig(f"127.0.0.1:{port}", nproc, pid, timeout_s=60))
+    # a short heartbeat: a killed peer ends this process in seconds, as a lost host ends a pod job
+    initialize(DistConfig(f"127.0.0.1:{port}", nproc, pid, timeout_s=60, heartbeat_s=10))
 
 import jprag.train.encoder as encoder  # noqa: E402
 from jprag.lora.adapters import LoraConfig  # noqa: E402

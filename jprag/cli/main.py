@@ -131,6 +131,9 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                    help="this process's index, 0 … N-1; 0 writes indexes and results (default: $JPRAG_PROCESS_ID)")
     g.add_argument("--coordinator-timeout", type=_positive_int, default=None, metavar="S",
                    help="give up joining the job after S seconds (default: 300)")
+    g.add_argument("--heartbeat-timeout", type=_positive_int, default=None, metavar="S",
+                   help="a process silent for S seconds has failed and the others stop, so a lost host ends "
+                   "the job instead of hanging it (default: $JPRAG_HEARTBEAT_TIMEOUT, else 100)")
 
 
 def start_devices(args: argparse.Namespace) -> None:
@@ -141,7 +144,8 @@ def start_devices(args: argparse.Namespace) -> None:
     cfg = DistConfig.from_env(coordinator=getattr(args, "coordinator", None),
                               num_processes=getattr(args, "num_processes", None),
                               process_id=getattr(args, "process_id", None),
-                              timeout_s=getattr(args, "coordinator_timeout", None))
+                              timeout_s=getattr(args, "coordinator_timeout", None),
+                              heartbeat_s=getattr(args, "heartbeat_timeout", None))
     cfg.check()  # before JAX starts: a bad flag fails in well under a second
     enable_compilation_cache()
     initialize(cfg)
@@ -458,7 +462,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - only a lost peer of a multi-host job is handled here
+        message = _peer_failure(exc)
+        if message is None or args.debug:
+            raise
+        from jprag.distributed import exit_job
+
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        exit_job(1)
     return int(status or 0)
+
+
+def _peer_failure(exc: BaseException) -> str | None:
+    if "jax" not in sys.modules:  # failed before any device was used: not a multi-host failure
+        return None
+    from jprag.distributed import peer_failure
+
+    return peer_failure(exc)
 
 
 if __name__ == "__main__":
