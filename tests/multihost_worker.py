@@ -2,8 +2,9 @@
 
     python tests/multihost_worker.py OUT PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS [--slow-chunk]
 
-Trains, for each mesh of `MESHES`, a PRAG bank, a Poly-PRAG inventory + routing table and Poly-z
-rows (against that inventory) into `OUT/<data>x<model>/`. With one process it is the
+Trains, for each mesh of `MESHES`, a PRAG bank, a Poly-PRAG inventory + routing table, Poly-z
+rows (against a fixed inventory) and a DyPRAG translator (on that mesh's bank) into
+`OUT/<data>x<model>/`. With one process it is the
 single-process reference of the same configuration. `--slow-chunk` sleeps after saving each
 PRAG chunk but the first, so a test can kill the job between chunks.
 """
@@ -42,6 +43,9 @@ from jprag.poly.polyz import train_routing_rows  # noqa: E402
 from jprag.poly.routing import inventory_shapes  # noqa: E402
 from jprag.train.recipe import Example  # noqa: E402
 from jprag.train.stacked import TrainConfig  # noqa: E402
+from jprag.lora.store import load_bank  # noqa: E402
+from jprag.translator.config import TranslatorConfig  # noqa: E402
+from jprag.translator.train import train_translator  # noqa: E402
 
 CFG = ModelConfig(family="llama", vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   d_ff=96)
@@ -94,4 +98,9 @@ for data, model in (MESHES[:1] if only_prag else MESHES):
                  for t, ab in sorted(inventory_shapes(CFG, POLY).items())}
     train_routing_rows(CFG, params, inventory, new_docs, new_ids, root / "rows", poly=POLY, mesh=mesh,
                        model_id="tiny", progress=False)
+    # the translator: replicated, its gradient an all-reduce over the documents of a step
+    teacher, _ = load_bank(root / "bank")
+    emb = np.random.RandomState(3).standard_normal((N_DOCS, 16)).astype(np.float32)
+    train_translator(CFG, params, LORA, TranslatorConfig(hidden=8, epochs=1, batch_docs=8, checkpoint_every=2),
+                     docs, emb, teacher, ids, root / "translator", mesh=mesh, model_id="tiny", progress=False)
 print(f"process {pid} of {nproc}: done", flush=True)

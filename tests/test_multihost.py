@@ -1,8 +1,8 @@
 """Multi-host training, proven with two processes on localhost (4 virtual CPU devices each,
 gloo collectives) against one process with 8 devices, for the same meshes (data=8 and
 data=4 x model=2): the PRAG bank and the Poly-z rows are bitwise equal (rows never reduce
-across documents); the Poly inventory and routing table agree within float32 reduction-order
-rounding (the inventory gradient is an all-reduce whose order differs). A process killed mid-run
+across documents); the Poly inventory and routing table, and the DyPRAG translator, agree
+within float32 reduction-order rounding (their gradients are all-reduces whose order differs). A process killed mid-run
 (SIGKILL) ends the job within the heartbeat timeout, and a restart, with the same or another
 number of processes, ends with the same bits. Bad multi-host settings fail in one line.
 """
@@ -18,11 +18,13 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from jprag.lora.store import load_bank
 from jprag.poly.store import load_joint, load_rows
+from jprag.translator.store import load_translator
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "multihost_worker.py"
@@ -102,7 +104,13 @@ def test_two_processes_equal_one(tmp_path, single):
             for k in ("a", "b"):
                 np.testing.assert_allclose(inv2[t][k], inv1[t][k], atol=POLY_ATOL, rtol=0, err_msg=f"{mesh} {t}.{k}")
         np.testing.assert_allclose(r2, r1, atol=POLY_ATOL, rtol=0)
-        assert np.abs(r1 - r2).max() < POLY_ATOL
+        # the translator: replicated, trained on the (bitwise equal) banks; an all-reduced gradient
+        _, t1, m1 = load_translator(single / mesh / "translator")
+        _, t2, m2 = load_translator(two / mesh / "translator")
+        assert m1["total_steps"] == m2["total_steps"] > 2  # checkpointed along the way (every 2 steps)
+        for path, a in jax.tree_util.tree_flatten_with_path(t1)[0]:
+            b = dict(jax.tree_util.tree_flatten_with_path(t2)[0])[path]
+            np.testing.assert_allclose(b, a, atol=POLY_ATOL, rtol=0, err_msg=f"{mesh} translator {path}")
 
 
 def _start_and_kill(out: pathlib.Path, nproc: int, victim: int) -> list[subprocess.Popen]:

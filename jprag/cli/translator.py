@@ -26,7 +26,7 @@ def _debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jprag.cli.main import (_add_model_argument, _mesh_axis, _non_negative_float, _non_negative_int,
-                                _positive_float, _positive_int)
+                                _positive_float, _positive_int, add_distributed_arguments)
     from jprag.cli.run import add_pipeline_arguments
 
     sub = parser.add_subparsers(dest="translator_command", metavar="{train,eval}", required=True)
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, help="initialisation and shuffling seed")
     t.add_argument("--mesh-data", type=_mesh_axis, default=None, metavar="N", help="devices on the document axis")
     t.add_argument("--mesh-model", type=_positive_int, default=None, metavar="N", help="devices the base model spans")
+    add_distributed_arguments(train)
 
     ev = sub.add_parser("eval", help="answer a question set with a trained translator (dyprag, dyprag-combine)",
                         description="Answer and score a question set with a trained translator.")
@@ -75,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N questions only")
     _add_model_argument(ev)
     add_pipeline_arguments(ev)
+    add_distributed_arguments(ev)
     ev.set_defaults(dataset=None)  # so that a --config's dataset is not overridden by the flag's default
 
 
@@ -123,16 +125,18 @@ def _training_documents(args, cfg):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jprag.cli.main import _check_model_path, enable_compilation_cache
+    from jprag.cli.main import _check_model_path, start_devices
 
     t_start = time.perf_counter()
     _check_model_path(args.model)
     cfg = _base_config(args)
     docs = _training_documents(args, cfg)
     out = pathlib.Path(args.out)
-    print(f"{len(docs)} training documents; translator settings: {cfg.translator.training_dict()}", flush=True)
+    start_devices(args)
+    from jprag import distributed
 
-    enable_compilation_cache()
+    say = print if distributed.is_primary() else (lambda *a, **k: None)  # logs on process 0
+    say(f"{len(docs)} training documents; translator settings: {cfg.translator.training_dict()}", flush=True)
     from jprag.model.chat import load
     from jprag.translator.pairs import encode_pairs
     from jprag.translator.pipeline import fit_translator
@@ -143,9 +147,9 @@ def run_train(args: argparse.Namespace) -> int:
                                    extra_meta={"split": "jprag translator train"})
     last = meta["history"][-1] if meta["history"] else {}
     losses = ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k not in ("step", "epoch"))
-    print(f"translator: {spec.num_params():,} parameters, {meta['total_steps']} steps over {len(docs)} documents "
+    say(f"translator: {spec.num_params():,} parameters, {meta['total_steps']} steps over {len(docs)} documents "
           f"({meta.get('seconds', 0.0):.0f} s of training); last losses: {losses or '-'}")
-    print(f"wrote {out / 'translator'} (wall time {time.perf_counter() - t_start:.0f} s)")
+    say(f"wrote {out / 'translator'} (wall time {time.perf_counter() - t_start:.0f} s)")
     return 0
 
 
@@ -176,4 +180,4 @@ def run_eval(args: argparse.Namespace) -> int:
     if not any(m.startswith("dyprag") for m in cfg.methods):
         raise ValueError(f"--methods {','.join(cfg.methods)}: none of them uses the translator "
                          "(dyprag, dyprag-combine)")
-    return run_pipeline(cfg)
+    return run_pipeline(cfg, args)

@@ -130,20 +130,24 @@ def step_length(examples: Sequence[Example | None], multiple: int) -> int:
     return bucket_length(max(longest, 1), multiple)
 
 
-def make_batch(mesh, entries: Sequence[Any], build: Callable[[list[int]], dict[str, np.ndarray]],
-               shapes: Mapping[str, tuple[tuple[int, ...], Any]]) -> dict[str, jax.Array]:
-    """A global batch `{name: [len(entries), ...]}` sharded over `data`, built process-locally:
-    `build(rows)` returns the arrays of those rows only (called once per process)."""
-    n = len(entries)
-    sharding = doc_sharding(mesh, 1)
-    mine = distributed.local_rows(sharding, n)
-    block = build(mine) if mine else {}
-    out = {}
-    for name, (shape, dtype) in shapes.items():
-        rows_of = dict(zip(mine, block[name])) if mine else {}
-        out[name] = distributed.global_array(doc_sharding(mesh, 1 + len(shape)), (n, *shape), dtype,
-                                             lambda rows, r=rows_of: np.stack([r[i] for i in rows]))
-    return out
+def make_batch(mesh, n: int, build: Callable[[list[int]], Any]) -> Any:
+    """A global batch (a pytree of `[n, ...]` arrays sharded over `data`), built process-locally:
+    `build(rows)` returns the pytree of those rows only, `[len(rows), ...]` per leaf, and is
+    called once per process, for the rows its devices hold (every process holds some: the mesh
+    spans them all and `n` is a multiple of the `data` size)."""
+    mine = distributed.local_rows(doc_sharding(mesh, 1), n)
+    block = build(mine)
+
+    def leaf(x):
+        x = np.asarray(x)
+
+        def rows(asked):  # `global_array` asks for exactly this process's rows
+            assert asked == mine, (asked, mine)
+            return x
+
+        return distributed.global_array(doc_sharding(mesh, x.ndim), (n, *x.shape[1:]), x.dtype, rows)
+
+    return jax.tree.map(leaf, block)
 
 
 def token_batch(mesh, examples: Sequence[Example | None], multiple: int, pad_id: int,
@@ -158,11 +162,8 @@ def token_batch(mesh, examples: Sequence[Example | None], multiple: int, pad_id:
         part.update({k: v[rows] for k, v in extra.items()})
         return part
 
-    shapes = {"tokens": ((1, seq), np.int32), "attn_mask": ((1, seq), np.int32),
-              "loss_mask": ((1, seq), np.int32), "active": ((), np.float32)}
-    shapes.update({k: (v.shape[1:], v.dtype) for k, v in extra.items()})
     n_tokens = sum(len(e.tokens) for e in examples if e is not None)
-    return make_batch(mesh, examples, build, shapes), n_tokens
+    return make_batch(mesh, len(examples), build), n_tokens
 
 
 def _masked_mean(loss_d, active_d):

@@ -3,7 +3,7 @@ checkpointed and resumable.
 
 Each epoch shuffles the training documents (a permutation keyed by `(seed, epoch)`) into groups
 of D documents; a group yields one step per PRAG sample index (step t holds each document's
-t-th sample, `pack_step_batches` as in the encoder). The translator is shared by all documents,
+t-th sample, as in the encoder; each process builds only its own rows). The translator is shared by all documents,
 so a step's gradient is the mean over its documents: the document axis of the batch is sharded
 over the mesh's `data` axis, the translator and its optimizer state are replicated, and XLA
 reduces the gradient across devices. The schedule is a pure function of the inputs, so a run
@@ -27,7 +27,8 @@ from jprag.lora.adapters import Bank, LoraConfig
 from jprag.lora.store import lora_to_json
 from jprag.mesh import doc_shardings, make_mesh, pad_to_data, param_shardings, replicated
 from jprag.model.config import ModelConfig
-from jprag.train.recipe import Example, pack_step_batches
+from jprag.train.loop import docs_per_step, make_batch, seq_rows, step_length
+from jprag.train.recipe import Example
 from jprag.translator import store
 from jprag.translator.config import TranslatorConfig
 from jprag.translator.hypernet import Translator, TranslatorSpec, fit_stats, init_translator
@@ -138,8 +139,7 @@ def train_translator(
     k = tcfg.samples_per_doc
     per_doc = [list(ex)[:k] if k else list(ex) for ex in per_doc_examples]
     mesh = mesh or make_mesh()
-    longest = max(-(-len(e.tokens) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for ex in per_doc for e in ex)
-    D = pad_to_data(min(tcfg.batch_docs, n, max(1, tcfg.max_tokens_per_step // longest)), mesh)
+    D = pad_to_data(docs_per_step(per_doc, tcfg.batch_docs, tcfg.max_tokens_per_step, LENGTH_MULTIPLE), mesh)
     spec = TranslatorSpec.create(cfg, lora, emb.shape[1], tcfg.hidden)
     groups = plan_groups(n, D, tcfg.epochs, tcfg.seed)
     root = pathlib.Path(out_dir)
@@ -177,17 +177,24 @@ def train_translator(
         if i + n_steps <= start:  # finished before the checkpoint
             i += n_steps
             continue
-        pad = D - len(rows)
-        take = lambda x: np.concatenate([x[rows], np.zeros((pad,) + x.shape[1:], x.dtype)])  # noqa: E731
-        emb_d, teacher_d = take(emb), jax.tree.map(take, teacher)
-        for packed in pack_step_batches([per_doc[r] for r in rows] + [[] for _ in range(pad)], pad_id,
-                                        multiple=LENGTH_MULTIPLE):
+        group = [per_doc[r] for r in rows] + [[] for _ in range(D - len(rows))]
+        doc = np.asarray(rows + [-1] * (D - len(rows)))  # -1: a padding row (zeros, inactive)
+        for t in range(n_steps):  # step t: each document's t-th sample, as the encoder
             i += 1
             if i <= start:
                 continue
-            batch = {"tokens": packed["tokens"], "attn_mask": packed["attn_mask"], "loss_mask": packed["loss_mask"],
-                     "active": packed["active"].astype(np.float32), "emb": emb_d, "teacher": teacher_d}
-            batch = distributed.put_rows(batch, doc_shardings(batch, mesh))  # multi-host: own rows only
+            examples = [ex[t] if t < len(ex) else None for ex in group]
+            seq = step_length(examples, LENGTH_MULTIPLE)
+
+            def build(mine, examples=examples, seq=seq):  # this process's rows only
+                part = seq_rows([examples[r] for r in mine], seq, pad_id)
+                pick = lambda x: np.where((doc[mine] >= 0).reshape((-1,) + (1,) * (x.ndim - 1)),  # noqa: E731
+                                          x[np.maximum(doc[mine], 0)], 0).astype(x.dtype)
+                return {"tokens": part["tokens"][:, 0], "attn_mask": part["attn_mask"][:, 0],
+                        "loss_mask": part["loss_mask"][:, 0], "active": part["active"],
+                        "emb": pick(emb), "teacher": jax.tree.map(pick, teacher)}
+
+            batch = make_batch(mesh, D, build)
             if jitted is None:
                 jitted = jit_translator_step(step_fn, mesh, params, translator, opt_state, batch)
             translator, opt_state, metrics = jitted(params, translator, opt_state, batch)
