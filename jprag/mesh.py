@@ -23,11 +23,12 @@ def make_mesh(data: int = -1, model: int = 1, devices: Sequence[jax.Device] | No
     """A `('data', 'model')` mesh; `data=-1` takes every device not used by `model`."""
     devices = list(devices if devices is not None else jax.devices())
     if model < 1 or len(devices) % model:
-        raise ValueError(f"model axis size {model} does not divide the {len(devices)} devices")
+        raise ValueError(f"--mesh-model {model}: the model axis must divide the {len(devices)} devices")
     if data == -1:
         data = len(devices) // model
     if data * model > len(devices) or data < 1:
-        raise ValueError(f"mesh data={data} x model={model} needs {data * model} devices, have {len(devices)}")
+        raise ValueError(f"--mesh-data {data} x --mesh-model {model} needs {data * model} devices, "
+                         f"have {len(devices)}")
     grid = np.asarray(devices[: data * model]).reshape(data, model)
     return Mesh(grid, (DATA, MODEL))
 

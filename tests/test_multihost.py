@@ -166,8 +166,9 @@ def test_a_bank_started_by_one_process_is_finished_by_two(tmp_path, single):
     _assert_banks_equal(bank, load_bank(single / "8x1" / "bank")[0])
 
 
-def _jprag(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jprag.cli.main", *args], env=_env(), capture_output=True, text=True,
+def _jprag(*args: str, timeout: float = 120, devices: int | None = None) -> subprocess.CompletedProcess:
+    env = _env() | ({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"} if devices else {})
+    return subprocess.run([sys.executable, "-m", "jprag.cli.main", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -186,6 +187,20 @@ def test_bad_multihost_flags(tmp_path, flags, message):
     lines = got.stderr.strip().splitlines()
     assert lines[-1].startswith("jprag: error: ") and message in lines[-1], got.stderr
     assert not (tmp_path / "bank" / "index.json").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh-model", "3"], "--mesh-model 3: the model axis must divide the 8 devices"),
+    (["--mesh-data", "5", "--mesh-model", "2"], "--mesh-data 5 x --mesh-model 2 needs 10 devices, have 8"),
+])
+def test_a_mesh_that_does_not_fit_the_devices(tmp_path, flags, message):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "d", "passage": "p", "rewrite": "r",
+                                "qa": [{"question": "q?", "answer": "a"}]}) + "\n")
+    got = _jprag("encode", "--documents", str(docs), "--out", str(tmp_path / "bank"), *flags, devices=8)
+    assert got.returncode == 2, got.stderr[-2000:]
+    assert got.stderr.strip().splitlines()[-1] == f"jprag: error: {message}"
+    assert not (tmp_path / "bank").exists()
 
 
 def test_unreachable_coordinator_fails_within_the_timeout():

@@ -151,12 +151,9 @@ def run_encode(args: argparse.Namespace) -> int:
     doc_ids = [d.id for d in docs]
     model_id = _model_id(args.model)
     out = pathlib.Path(args.out)
-    from jprag.cli.main import start_devices
-    from jprag.distributed import DistConfig
+    from jprag.cli.main import dist_config, start_devices
 
-    dist = DistConfig.from_env(coordinator=args.coordinator, num_processes=args.num_processes,
-                               process_id=args.process_id, timeout_s=args.coordinator_timeout)
-    dist.check()
+    dist = dist_config(args)
     if dist.multi:  # join first, so that only process 0 replaces an --overwrite'd bank
         start_devices(args)
         from jprag import distributed
@@ -185,12 +182,13 @@ def run_encode(args: argparse.Namespace) -> int:
     mesh = make_mesh(args.mesh_data, args.mesh_model)
     distributed.check_mesh(mesh)
     lm = load(args.model)
-    per_doc = _tokenize(lm.tokenizer, docs, recipe, progress=True)
+    per_doc = _tokenize(lm.tokenizer, docs, recipe, progress=distributed.is_primary())
     n_samples = sum(len(e) for e in per_doc)
     n_truncated = sum(1 for ex in per_doc for e in ex if e.truncated)
-    print(f"{len(docs)} documents, {n_samples} training samples ({n_truncated} with shortened knowledge "
-          f"text, max_len {recipe.max_len}); mesh data={mesh.shape['data']} x model={mesh.shape['model']}",
-          flush=True)
+    if distributed.is_primary():
+        print(f"{len(docs)} documents, {n_samples} training samples ({n_truncated} with shortened knowledge "
+              f"text, max_len {recipe.max_len}); mesh data={mesh.shape['data']} x model={mesh.shape['model']}",
+              flush=True)
     t_train = time.perf_counter()
     index = encode_documents(
         lm.cfg, lm.params, per_doc, doc_ids, out,

@@ -136,17 +136,26 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                    "the job instead of hanging it (default: $JPRAG_HEARTBEAT_TIMEOUT, else 100)")
 
 
-def start_devices(args: argparse.Namespace) -> None:
-    """What every command that trains or answers does before touching a device: the compilation
-    cache, then joining the multi-host job its flags (or `JPRAG_*` variables) describe."""
-    from jprag.distributed import DistConfig, initialize
+def dist_config(args: argparse.Namespace):
+    """The multi-host settings of a command's flags over `JPRAG_*` variables, checked (a bad
+    flag fails here, in well under a second, before JAX starts)."""
+    from jprag.distributed import DistConfig
 
     cfg = DistConfig.from_env(coordinator=getattr(args, "coordinator", None),
                               num_processes=getattr(args, "num_processes", None),
                               process_id=getattr(args, "process_id", None),
                               timeout_s=getattr(args, "coordinator_timeout", None),
                               heartbeat_s=getattr(args, "heartbeat_timeout", None))
-    cfg.check()  # before JAX starts: a bad flag fails in well under a second
+    cfg.check()
+    return cfg
+
+
+def start_devices(args: argparse.Namespace) -> None:
+    """What every command that trains or answers does before touching a device: the compilation
+    cache, then joining the multi-host job its flags (or `JPRAG_*` variables) describe."""
+    from jprag.distributed import initialize
+
+    cfg = dist_config(args)
     enable_compilation_cache()
     initialize(cfg)
 
