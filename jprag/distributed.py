@@ -274,15 +274,3 @@ def to_host(x) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def put_rows(tree, shardings):
-    """Place host arrays that every process holds in full (e.g. a small step batch) onto their
-    `shardings`, each process transferring only the shards of its own devices. One process:
-    `jax.device_put`."""
-    import jax
-
-    if jax.process_count() == 1:
-        return jax.device_put(tree, shardings)
-    return jax.tree.map(lambda x, sh: jax.make_array_from_callback(np.shape(x), sh, lambda idx: np.asarray(x)[idx]),
-                        tree, shardings)

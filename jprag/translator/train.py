@@ -3,8 +3,8 @@ checkpointed and resumable.
 
 Each epoch shuffles the training documents (a permutation keyed by `(seed, epoch)`) into groups
 of D documents; a group yields one step per PRAG sample index (step t holds each document's
-t-th sample, as in the encoder; each process builds only its own rows). The translator is shared by all documents,
-so a step's gradient is the mean over its documents: the document axis of the batch is sharded
+t-th sample, as in the encoder; each process builds only its own rows). The translator is
+shared by all documents, so a step's gradient is the mean over its documents: the document axis of the batch is sharded
 over the mesh's `data` axis, the translator and its optimizer state are replicated, and XLA
 reduces the gradient across devices. The schedule is a pure function of the inputs, so a run
 resumed from a checkpoint replays exactly the steps an uninterrupted run would take.
@@ -177,8 +177,10 @@ def train_translator(
         if i + n_steps <= start:  # finished before the checkpoint
             i += n_steps
             continue
-        group = [per_doc[r] for r in rows] + [[] for _ in range(D - len(rows))]
-        doc = np.asarray(rows + [-1] * (D - len(rows)))  # -1: a padding row (zeros, inactive)
+        pad = D - len(rows)
+        group = [per_doc[r] for r in rows] + [[] for _ in range(pad)]
+        take = lambda x: np.concatenate([x[rows], np.zeros((pad,) + x.shape[1:], x.dtype)])  # noqa: E731
+        side = {"emb": take(emb), "teacher": jax.tree.map(take, teacher)}  # padding rows: zeros
         for t in range(n_steps):  # step t: each document's t-th sample, as the encoder
             i += 1
             if i <= start:
@@ -188,11 +190,9 @@ def train_translator(
 
             def build(mine, examples=examples, seq=seq):  # this process's rows only
                 part = seq_rows([examples[r] for r in mine], seq, pad_id)
-                pick = lambda x: np.where((doc[mine] >= 0).reshape((-1,) + (1,) * (x.ndim - 1)),  # noqa: E731
-                                          x[np.maximum(doc[mine], 0)], 0).astype(x.dtype)
                 return {"tokens": part["tokens"][:, 0], "attn_mask": part["attn_mask"][:, 0],
                         "loss_mask": part["loss_mask"][:, 0], "active": part["active"],
-                        "emb": pick(emb), "teacher": jax.tree.map(pick, teacher)}
+                        **jax.tree.map(lambda x: x[mine], side)}
 
             batch = make_batch(mesh, D, build)
             if jitted is None:
